@@ -1,0 +1,153 @@
+"""Atomic checkpoint writes and verified loads.
+
+A checkpoint is a plain dict of tensors and primitives, loadable with `weights_only=True`, so
+opening a file from elsewhere cannot run code. It always carries the three configs and the data
+hashes, so the model can be rebuilt and its provenance checked from the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnist_resnet.config import DataConfig, ModelConfig, from_dict
+from mnist_resnet.model import build_model
+
+FORMAT = "mnist-resnet"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "config", "model", "epoch")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be written or read; the message names the file and the reason."""
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename.
+
+    A crash at any moment leaves either the old file or the complete new one, never a torn one.
+    """
+    state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is only durable once the directory entry itself reaches the disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load and check a checkpoint; any problem becomes one `CheckpointError` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        UnicodeDecodeError,
+    ) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(
+            f"{path} is not a readable mnist-resnet checkpoint (truncated, corrupted or "
+            f"foreign file): {first_line[:200]}"
+        ) from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mnist-resnet checkpoint")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {state.get('format_version')!r}; "
+            f"this version of mnist-resnet reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    return state
+
+
+def latest_loadable(paths: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest of `paths` (by name order) that loads cleanly; corrupt ones are skipped."""
+    for candidate in sorted(paths, reverse=True):
+        try:
+            return candidate, load_checkpoint(candidate)
+        except CheckpointError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module
+    state: dict[str, Any]
+    model_config: ModelConfig
+    data_config: DataConfig
+    preset: str
+    mean: float
+    std: float
+    class_names: tuple[str, ...]
+
+
+def load_model(path: Path | str) -> LoadedModel:
+    """Rebuild the model stored in a checkpoint from its saved config, in eval mode on the CPU."""
+    state = load_checkpoint(path)
+    config = state["config"]
+    model_cfg = from_dict(ModelConfig, config["model"])
+    model = build_model(model_cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the saved model config") from e
+    model.eval()
+    norm = state.get("normalization", {})
+    return LoadedModel(
+        model=model,
+        state=state,
+        model_config=model_cfg,
+        data_config=from_dict(DataConfig, config["data"]),
+        preset=str(config.get("preset", "custom")),
+        mean=float(norm.get("mean", 0.0)),
+        std=float(norm.get("std", 1.0)),
+        class_names=tuple(state.get("class_names", [str(i) for i in range(model_cfg.num_classes)])),
+    )

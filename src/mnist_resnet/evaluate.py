@@ -1,0 +1,155 @@
+"""Metrics: loss, accuracy, per-class accuracy and the confusion matrix of a model on a split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_resnet import data
+from mnist_resnet.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    # confusion[true, predicted] counts
+    confusion: torch.Tensor
+    predictions: torch.Tensor
+    probabilities: torch.Tensor
+
+    @property
+    def error(self) -> float:
+        return 1.0 - self.accuracy
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diagonal() / totals).tolist()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    *,
+    mean: float,
+    std: float,
+    runtime: Runtime,
+    batch_size: int = 1000,
+) -> torch.Tensor:
+    """fp32 logits for uint8 images (N, 28, 28) or (N, 1, 28, 28), in large eval batches."""
+    model.eval()
+    if images_u8.ndim == 3:
+        images_u8 = images_u8.unsqueeze(1)
+    outputs = []
+    for start in range(0, len(images_u8), batch_size):
+        x = runtime.prepare_input(data.to_float(images_u8[start : start + batch_size], mean, std))
+        with runtime.autocast():
+            outputs.append(model(x).float().cpu())
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs)
+
+
+def evaluate(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mean: float,
+    std: float,
+    runtime: Runtime,
+    batch_size: int = 1000,
+) -> EvalResult:
+    logits = predict_logits(
+        model, images_u8, mean=mean, std=std, runtime=runtime, batch_size=batch_size
+    )
+    labels = labels.long()
+    num_classes = logits.shape[1]
+    predictions = logits.argmax(dim=1)
+    confusion = torch.bincount(
+        labels * num_classes + predictions, minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+    return EvalResult(
+        loss=float(F.cross_entropy(logits, labels)),
+        accuracy=float((predictions == labels).float().mean()),
+        confusion=confusion,
+        predictions=predictions,
+        probabilities=logits.softmax(dim=1),
+    )
+
+
+def format_report(result: EvalResult, class_names: Sequence[str]) -> str:
+    """Per-class accuracy and the confusion matrix as aligned text."""
+    width = max(5, *(len(n) for n in class_names))
+    lines = ["per-class accuracy:"]
+    for name, acc, total in zip(
+        class_names, result.per_class_accuracy, result.confusion.sum(dim=1).tolist(), strict=True
+    ):
+        lines.append(f"  {name:>{width}}  {acc:7.2%}  ({total} images)")
+    lines.append("confusion matrix (rows: true class, columns: predicted):")
+    header = " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(class_names)))
+    lines.append(header)
+    for i, row in enumerate(result.confusion.tolist()):
+        lines.append(f"  {class_names[i]:>{width}}" + "".join(f"{v:>6}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    *,
+    data_dir: Path,
+    out_dir: Path | None = None,
+    batch_size: int = 1000,
+    accel: bool = True,
+) -> str:
+    """Test-set report of a checkpoint, with confusion.png and misclassified.png beside it.
+
+    Returns the text report; its last line is `test accuracy: NN.NN%`.
+    """
+    from mnist_resnet import plots
+    from mnist_resnet.checkpoint import load_model
+    from mnist_resnet.runtime import make_runtime
+
+    loaded = load_model(checkpoint)
+    splits = data.load(loaded.data_config.dataset, data_dir)
+    runtime = make_runtime(accel=accel, amp=True, channels_last=True)
+    model = runtime.prepare_model(loaded.model)
+    result = evaluate(
+        model,
+        splits.test_images,
+        splits.test_labels,
+        mean=loaded.mean,
+        std=loaded.std,
+        runtime=runtime,
+        batch_size=batch_size,
+    )
+    out = out_dir or checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    names = loaded.class_names
+    plots.confusion_matrix(result.confusion, names, out / "confusion.png")
+    shown = plots.misclassified_grid(
+        splits.test_images, splits.test_labels, result.predictions, names, out / "misclassified.png"
+    )
+    wrong = int((result.predictions != splits.test_labels.long()).sum())
+    return "\n".join(
+        [
+            f"model: {loaded.preset} from {checkpoint} on {loaded.data_config.dataset} test set "
+            f"({result.count} images, {runtime.describe()})",
+            format_report(result, names),
+            f"figures: {out / 'confusion.png'}, {out / 'misclassified.png'} "
+            f"({shown} of {wrong} misclassified shown)",
+            f"test loss: {result.loss:.4f}",
+            f"test accuracy: {result.accuracy:.2%}",
+        ]
+    )

@@ -1,0 +1,346 @@
+"""ResNet classifiers for 28x28 images (He et al. 2015, CIFAR-style) and the pytorch/examples CNN.
+
+Order follows torchvision's ``models/resnet.py``: conv helpers, blocks, ``ResNet``, builders.
+Each block builds its own shortcut in ``__init__`` (as in hysts' CIFAR ResNet), so a block is
+self-contained and ``shortcut=False`` gives the paper's "plain net" with exactly the same layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mnist_resnet.config import ModelConfig, blocks_per_stage
+
+# MNIST, Fashion-MNIST and KMNIST are all 28x28; shapes in `summary` are computed from this.
+IMAGE_SIZE = 28
+STAGE_WIDTHS = (16, 32, 64)
+STAGE_STRIDES = (1, 2, 2)
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    # No bias: the BatchNorm that follows every conv has its own shift.
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def _make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    if in_channels == out_channels and stride == 1:
+        return nn.Identity()
+    # Projection shortcut (the paper's option B): learnable, and only where the shape changes.
+    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+
+
+class PlainBlock(nn.Module):
+    """Two 3x3 convs (the paper's "basic" block); ``shortcut=False`` drops the skip entirely."""
+
+    expansion = 1
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, shortcut: bool = True
+    ) -> None:
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = conv3x3(in_channels, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        # None rather than a zero branch: a plain net must not even own projection weights,
+        # so its parameter count is the residual net's minus the projections.
+        self.shortcut: nn.Module | None = (
+            _make_shortcut(in_channels, out_channels, stride) if shortcut else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        out = self.relu(out)
+        return out
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride, as in torchvision v1.5), 1x1 expand to planes * 4."""
+
+    expansion = 4
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, shortcut: bool = True
+    ) -> None:
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.conv1 = conv1x1(in_channels, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, out_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module | None = (
+            _make_shortcut(in_channels, out_channels, stride) if shortcut else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        out = self.relu(out)
+        return out
+
+
+Block = type[PlainBlock] | type[BottleneckBlock]
+
+
+def _scaled(base: int, width: float) -> int:
+    return max(1, round(base * width))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem, three stages of 16/32/64 planes at strides 1/2/2, GAP, linear.
+
+    A 3x3 stride-1 stem and no max-pool, because a 28x28 image has no resolution to spare.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        blocks_per_stage: int,
+        *,
+        width: float = 1.0,
+        shortcut: bool = True,
+        zero_init_residual: bool = False,
+        in_channels: int = 1,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.block = block
+        self.blocks_per_stage = blocks_per_stage
+        self.has_shortcut = shortcut
+        stem_channels = _scaled(STAGE_WIDTHS[0], width)
+        self.conv1 = conv3x3(in_channels, stem_channels)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        channels = stem_channels
+        stages = []
+        for base, stride in zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True):
+            planes = _scaled(base, width)
+            stages.append(self._make_stage(block, channels, planes, stride, shortcut))
+            channels = planes * block.expansion
+        # Named like torchvision (layer1..3) so state-dict keys read the same; `stages` groups them.
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self._init_weights(zero_init_residual and shortcut)
+
+    def _make_stage(
+        self, block: Block, in_channels: int, planes: int, stride: int, shortcut: bool
+    ) -> nn.Sequential:
+        layers: list[nn.Module] = [block(in_channels, planes, stride, shortcut)]
+        for _ in range(1, self.blocks_per_stage):
+            layers.append(block(planes * block.expansion, planes, 1, shortcut))
+        return nn.Sequential(*layers)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Each residual branch starts at zero, so every block starts as identity and the deep
+        # net trains like a shallow one at first (Goyal et al. 2017). Without shortcuts a zero
+        # gamma would output a constant and block all gradient, so the caller passes False then.
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, BottleneckBlock):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, PlainBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    @property
+    def stages(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+        return (self.layer1, self.layer2, self.layer3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.layer1(out)
+        out = self.layer2(out)
+        out = self.layer3(out)
+        out = self.avgpool(out)
+        out = torch.flatten(out, 1)
+        out = self.fc(out)
+        return out
+
+
+class BaselineNet(nn.Module):
+    """The pytorch/examples MNIST CNN, layer for layer (1,199,882 parameters at 28x28)."""
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, image_size: int = IMAGE_SIZE
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        # Two unpadded 3x3 convs take 2 pixels each, the 2x2 max-pool halves: 28 -> 12.
+        self.pooled_size = (image_size - 2 - 2) // 2
+        self.fc1 = nn.Linear(64 * self.pooled_size * self.pooled_size, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.conv1(x)
+        out = F.relu(out)
+        out = self.conv2(out)
+        out = F.relu(out)
+        out = F.max_pool2d(out, 2)
+        out = self.dropout1(out)
+        out = torch.flatten(out, 1)
+        out = self.fc1(out)
+        out = F.relu(out)
+        out = self.dropout2(out)
+        out = self.fc2(out)
+        # Logits, not the original's log_softmax: training uses cross entropy on logits, which
+        # fuses the log-softmax in a numerically stable way (and supports label smoothing).
+        return out
+
+
+_BLOCKS: dict[str, Block] = {"plain": PlainBlock, "bottleneck": BottleneckBlock}
+
+
+def resnet(
+    depth: int,
+    block: str = "plain",
+    *,
+    width: float = 1.0,
+    shortcut: bool = True,
+    zero_init_residual: bool = False,
+    in_channels: int = 1,
+    num_classes: int = 10,
+) -> ResNet:
+    """ResNet of a CIFAR-style depth; raises ConfigError for depths the block cannot reach."""
+    n = blocks_per_stage(depth, block)
+    return ResNet(
+        _BLOCKS[block],
+        n,
+        width=width,
+        shortcut=shortcut,
+        zero_init_residual=zero_init_residual,
+        in_channels=in_channels,
+        num_classes=num_classes,
+    )
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model a config describes, on CPU in float32: the caller picks device and dtype."""
+    cfg.validate()
+    if cfg.arch == "baseline":
+        return BaselineNet(cfg.in_channels, cfg.num_classes)
+    return resnet(
+        cfg.depth,
+        cfg.block,
+        width=cfg.width,
+        shortcut=cfg.shortcut,
+        zero_init_residual=cfg.zero_init_residual,
+        in_channels=cfg.in_channels,
+        num_classes=cfg.num_classes,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: nn.Module, in_channels: int = 1) -> int:
+    """Forward FLOPs for one 28x28 image, as counted by `torch.utils.flop_counter`.
+
+    A multiply-add counts as 2 FLOPs (so this is twice the "MACs" many papers quote), and only
+    matmuls and convolutions are counted: BN, ReLU, pooling and bias adds are left out.
+    """
+    param = next(model.parameters())
+    x = torch.zeros(1, in_channels, IMAGE_SIZE, IMAGE_SIZE, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _downsample(size: int, stride: int) -> int:
+    # A 3x3 conv with padding 1 (or a 1x1 conv): ceil(size / stride).
+    return (size - 1) // stride + 1
+
+
+def _shape(*dims: int) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+def _describe(cfg: ModelConfig) -> str:
+    if cfg.arch == "baseline":
+        return "baseline (pytorch/examples MNIST CNN)"
+    shortcuts = "on" if cfg.shortcut else "off"
+    width = "" if cfg.width == 1.0 else f", width x{cfg.width:g}"
+    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width})"
+
+
+def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
+    """(name, output shape, parameters) per stage, shapes computed from strides."""
+    if isinstance(model, BaselineNet):
+        s = model.pooled_size
+        return [
+            ("conv1", _shape(32, IMAGE_SIZE - 2, IMAGE_SIZE - 2), count_parameters(model.conv1)),
+            ("conv2+pool", _shape(64, s, s), count_parameters(model.conv2)),
+            ("fc1", _shape(128), count_parameters(model.fc1)),
+            ("fc2", _shape(cfg.num_classes), count_parameters(model.fc2)),
+        ]
+    assert isinstance(model, ResNet)
+    size = IMAGE_SIZE
+    stem = count_parameters(model.conv1) + count_parameters(model.bn1)
+    rows = [("stem", _shape(model.conv1.out_channels, size, size), stem)]
+    for i, (stage, stride) in enumerate(zip(model.stages, STAGE_STRIDES, strict=True), 1):
+        size = _downsample(size, stride)
+        channels = _scaled(STAGE_WIDTHS[i - 1], cfg.width) * model.block.expansion
+        rows.append((f"layer{i}", _shape(channels, size, size), count_parameters(stage)))
+    rows.append(("pool+fc", _shape(cfg.num_classes), count_parameters(model.fc)))
+    return rows
+
+
+def summary(cfg: ModelConfig) -> str:
+    """A short human-readable table: architecture, per-stage shapes and params, totals."""
+    model = build_model(cfg)
+    rows = _rows(cfg, model)
+    lines = [
+        f"model: {_describe(cfg)}",
+        f"input: {_shape(cfg.in_channels, IMAGE_SIZE, IMAGE_SIZE)}",
+        f"{'stage':<12}{'output':>12}{'params':>12}",
+    ]
+    lines += [f"{name:<12}{shape:>12}{params:>12,}" for name, shape, params in rows]
+    flops = flops_per_image(model, cfg.in_channels)
+    lines += [
+        f"parameters: {count_parameters(model):,}",
+        f"forward FLOPs/image: {flops / 1e6:.1f} M (multiply-add = 2 FLOPs)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Figures written into run directories: training curves, confusion matrix, misclassified grid.
+
+matplotlib is imported inside each function with the Agg backend, so importing this module
+costs nothing and no display is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(metrics_path: Path, out: Path) -> None:
+    """Loss (left) and error (right) against epoch from a run's metrics.jsonl."""
+    if not metrics_path.exists():
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train", "train"), ("val", "validation"), ("test", "test")):
+        if f"{key}_loss" in rows[0]:
+            ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], marker="o", label=label)
+        if f"{key}_error" in rows[0]:
+            ax_err.plot(epochs, [100 * r[f"{key}_error"] for r in rows], marker="o", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="error", yscale="log")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], out: Path) -> None:
+    plt = _pyplot()
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    # Log colour scale: the diagonal holds ~1000 and the interesting errors single digits.
+    shown = confusion.float().clamp(min=0.5).log10().numpy()
+    image = ax.imshow(shown, cmap="Blues")
+    for i in range(n):
+        for j in range(n):
+            value = int(confusion[i, j])
+            if value:
+                colour = "white" if i == j else "black"
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color=colour)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (log colour scale)")
+    fig.colorbar(image, ax=ax, label="log10(count)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def misclassified_grid(
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    class_names: Sequence[str],
+    out: Path,
+    *,
+    limit: int = 100,
+) -> int:
+    """Grid of misclassified images titled `true→predicted`; returns how many are shown."""
+    wrong = (predictions != labels).nonzero().flatten()[:limit]
+    plt = _pyplot()
+    count = len(wrong)
+    cols = 10
+    rows = max(1, (count + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, wrong.tolist(), strict=False):
+        ax.imshow(images_u8[index].reshape(28, 28).numpy(), cmap="gray_r")
+        true, pred = class_names[int(labels[index])], class_names[int(predictions[index])]
+        ax.set_title(f"{true}→{pred}", fontsize=8)
+    if count == 0:
+        axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return count

@@ -1,0 +1,108 @@
+"""Where and how tensors run: device choice, thread count, and the one autocast decision.
+
+Everything that depends on the hardware is decided here once and carried in a `Runtime`, so the
+training step and evaluation use the same precision and memory layout without re-deciding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    # None means full fp32; bfloat16 needs no loss scaling, unlike float16.
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.amp_dtype is None:
+            yield
+            return
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            yield
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            # NHWC lets oneDNN/cuDNN pick their fastest (blocked) convolution kernels.
+            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model
+
+    def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def describe(self) -> str:
+        precision = "fp32" if self.amp_dtype is None else str(self.amp_dtype).replace("torch.", "")
+        layout = "channels_last" if self.channels_last else "contiguous"
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        return f"{self.device.type} ({precision}, {layout}{threads})"
+
+
+def select_device(accel: bool = True) -> torch.device:
+    """CUDA, then Apple MPS, then CPU; `accel=False` (--no-accel) forces the CPU."""
+    if accel and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accel and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AMX tiles, where oneDNN runs bf16 convolutions far above fp32 speed.
+
+    AVX-512-BF16 alone is not enough: on such a CPU (no AMX) we measured ResNet-20 training at
+    727 img/s in bf16 against 955 img/s in fp32 (channels_last, batch 128, 2 threads).
+    """
+    import torch.cpu
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def make_runtime(*, accel: bool, amp: bool, channels_last: bool) -> Runtime:
+    device = select_device(accel)
+    fast_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
+        device.type == "cpu" and cpu_has_fast_bf16()
+    )
+    amp_dtype = torch.bfloat16 if amp and fast_bf16 else None
+    return Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        available = os.cpu_count() or 1
+    return max(1, available)
+
+
+def configure_threads(threads: int, world_size: int = 1) -> int:
+    """Set intra-op threads: `threads`, or the cores shared evenly between local processes."""
+    n = threads or max(1, available_cpus() // max(1, world_size))
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # Bit-for-bit repeatability on the same machine; costs a little speed on CUDA only.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

@@ -1,0 +1,482 @@
+"""Training: the one training step, the schedule, and the epoch loop with checkpoints and resume.
+
+Batch order and augmentation are pure functions of (seed, epoch), and the global RNG state is
+saved with every checkpoint, so a resumed run continues exactly where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_resnet import data, plots
+from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, save_checkpoint
+from mnist_resnet.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    to_dict,
+)
+from mnist_resnet.evaluate import EvalResult, evaluate
+from mnist_resnet.model import build_model
+from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
+
+Log = Callable[[str], None]
+
+
+class TrainingError(Exception):
+    """Training cannot continue (non-finite loss, unusable run directory, ...)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_val_error: float | None
+    test: EvalResult
+    epochs_run: int
+    seconds: float
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; BN parameters and biases are not decayed."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adadelta":
+        return torch.optim.Adadelta(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_factor(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Multiplier of the peak learning rate after `step` optimizer steps.
+
+    onecycle: linear warmup from 0 over `warmup_epochs`, then cosine to 0 at the last step.
+    step: StepLR(gamma=0.7) once per epoch, as in pytorch/examples.
+    """
+    if cfg.schedule == "step":
+        return float(0.7 ** (step // steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, cfg=cfg, steps_per_epoch=steps_per_epoch)
+    )
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    *,
+    label_smoothing: float = 0.0,
+    grad_clip: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a normalised float batch; returns (loss, error rate), detached.
+
+    The only place that applies autocast, the channels_last layout and the optimizer step.
+    """
+    images = runtime.prepare_input(images)
+    labels = labels.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        logits = model(images)
+    # The loss in fp32: bf16 log-softmax loses the small differences label smoothing makes.
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), (logits.detach().argmax(1) != labels).float().mean()
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: float
+    std: float
+    hashes: dict[str, str]
+    class_names: tuple[str, ...]
+
+
+def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
+    """Load the dataset, carve the validation split, and optionally keep a subset."""
+    splits = data.load(cfg.dataset, Path(cfg.data_dir), log=log)
+    train_x, train_y, val_x, val_y = data.split_validation(
+        splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
+    )
+    if cfg.subset < 1.0:
+        keep = max(1, int(len(train_x) * cfg.subset))
+        train_x, train_y = train_x[:keep], train_y[:keep]
+        keep_val = max(1, int(len(val_x) * cfg.subset)) if len(val_x) else 0
+        val_x, val_y = val_x[:keep_val], val_y[:keep_val]
+    spec = splits.spec
+    return PreparedData(
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=splits.test_images,
+        test_y=splits.test_labels,
+        mean=spec.mean,
+        std=spec.std,
+        hashes=dict(splits.hashes),
+        class_names=tuple(spec.classes),
+    )
+
+
+def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{preset}-{cfg.dataset}-s{train_cfg.seed}-{stamp}"
+
+
+def find_resume_checkpoint(target: Path) -> Path:
+    """`target` is a checkpoint file or a run directory; return the newest loadable checkpoint."""
+    if target.is_file():
+        return target
+    found = latest_loadable(sorted((target / "checkpoints").glob("epoch-*.pt")))
+    if found is None:
+        raise TrainingError(f"no loadable checkpoint under {target}/checkpoints to resume from")
+    return found[0]
+
+
+class _Trainer:
+    """State of one run; `run()` is the epoch loop. Kept private: `train()` is the API."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        data_cfg: DataConfig,
+        *,
+        preset: str,
+        run_dir: Path,
+        log: Log,
+        resume_state: dict[str, Any] | None,
+    ) -> None:
+        self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
+        self.preset, self.run_dir, self.log = preset, run_dir, log
+        self.threads = configure_threads(train_cfg.threads)
+        seed_everything(train_cfg.seed, train_cfg.deterministic)
+        self.runtime = make_runtime(
+            accel=train_cfg.accel, amp=train_cfg.amp, channels_last=train_cfg.channels_last
+        )
+        self.data = prepare_data(data_cfg, log=log)
+        n_train = len(self.data.train_x)
+        if train_cfg.batch_size > n_train:
+            raise ConfigError(
+                f"--batch-size {train_cfg.batch_size} is larger than the {n_train} training images"
+            )
+        self.steps_per_epoch = 1 if train_cfg.dry_run else n_train // train_cfg.batch_size
+        self.model = self.runtime.prepare_model(build_model(model_cfg))
+        self.optimizer = make_optimizer(self.model, train_cfg)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
+        self.forward: nn.Module = torch.compile(self.model) if train_cfg.compile else self.model  # type: ignore[assignment]
+        self.start_epoch = 0
+        self.best_epoch, self.best_val_error = 0, math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("data_hashes") != self.data.hashes:
+            raise TrainingError(
+                "the checkpoint was trained on different data files than the ones found now "
+                f"under {self.data_cfg.data_dir}; refusing to resume"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = int(state["epoch"])
+        best = state.get("best", {})
+        self.best_epoch = int(best.get("epoch", 0))
+        self.best_val_error = float(best.get("val_error", math.inf))
+        best_path = self.run_dir / "best.pt"
+        if best_path.exists():
+            self.best_state = load_checkpoint(best_path)["model"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_to_random_state(rng["python"]))
+        self._truncate_metrics(self.start_epoch)
+        self.log(f"resumed from epoch {self.start_epoch} of {self.cfg.epochs}")
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        # A run killed after writing metrics but before its checkpoint would duplicate rows.
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "config": {
+                "preset": self.preset,
+                "model": to_dict(self.model_cfg),
+                "train": to_dict(self.cfg),
+                "data": to_dict(self.data_cfg),
+            },
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "data_hashes": self.data.hashes,
+            "normalization": {"mean": self.data.mean, "std": self.data.std},
+            "class_names": list(self.data.class_names),
+            "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
+            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+        }
+
+    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
+        if self.cfg.dry_run:
+            x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
+        return evaluate(
+            self.forward,
+            x,
+            y,
+            mean=self.data.mean,
+            std=self.data.std,
+            runtime=self.runtime,
+            batch_size=self.cfg.test_batch_size,
+        )
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.data
+        self.forward.train()
+        indices = data.epoch_indices(len(d.train_x), epoch=epoch, seed=cfg.seed)
+        batches = data.batches(d.train_x, d.train_y, indices, cfg.batch_size, drop_last=True)
+        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        loss_sum = torch.zeros(())
+        err_sum = torch.zeros(())
+        seen = 0
+        start = time.perf_counter()
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None,
+            unit="batch",
+        )
+        for step, (images_u8, labels) in enumerate(batches):
+            if step >= self.steps_per_epoch:
+                break
+            if self.data_cfg.augment:
+                # On uint8, before normalising: the zero fill is then exactly the background.
+                images_u8 = data.augment_batch(images_u8, augment_rng, self.data_cfg.max_shift)
+            images = data.to_float(images_u8, d.mean, d.std)
+            loss, err = train_step(
+                self.forward,
+                images,
+                labels,
+                self.optimizer,
+                self.runtime,
+                label_smoothing=cfg.label_smoothing,
+                grad_clip=cfg.grad_clip,
+            )
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower "
+                    f"--lr or set --grad-clip (the last good checkpoint is kept in {self.run_dir})"
+                )
+            self.scheduler.step()
+            loss_sum += loss.cpu() * len(labels)
+            err_sum += err.cpu() * len(labels)
+            seen += len(labels)
+            if step % cfg.log_interval == 0:
+                rate = seen / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:,.0f}")
+            bar.update()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": float(loss_sum) / max(1, seen),
+            "train_error": float(err_sum) / max(1, seen),
+            "images_per_second": seen / max(1e-9, seconds),
+            "train_seconds": seconds,
+        }
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(
+            json.dumps(self._state(0)["config"], indent=2) + "\n"
+        )
+        self.log(
+            f"training {self.preset} on {self.data_cfg.dataset}: {len(self.data.train_x)} train / "
+            f"{len(self.data.val_x)} validation images, {self.runtime.describe()}, "
+            f"run directory {self.run_dir}"
+        )
+        writer = _tensorboard_writer(self.run_dir)
+        start = time.perf_counter()
+        epochs = 1 if cfg.dry_run else cfg.epochs
+        epochs_run = self.start_epoch
+        for epoch in range(self.start_epoch, epochs):
+            epochs_run = epoch + 1
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self._train_epoch(epoch))
+            if len(self.data.val_x):
+                val = self._evaluate(self.data.val_x, self.data.val_y)
+                row.update(val_loss=val.loss, val_error=val.error)
+                improved = val.error < self.best_val_error
+            else:
+                improved = True  # no validation split: the last epoch is the selected one
+            if cfg.eval_test_every_epoch:
+                test = self._evaluate(self.data.test_x, self.data.test_y)
+                row.update(test_loss=test.loss, test_error=test.error)
+            if improved:
+                self.best_epoch = epoch + 1
+                self.best_val_error = row.get("val_error", math.inf)
+                self.best_state = {
+                    k: v.detach().clone() for k, v in self.model.state_dict().items()
+                }
+            self._end_epoch(epoch + 1, row, improved, writer)
+            if cfg.patience and epoch + 1 - self.best_epoch >= cfg.patience:
+                self.log(f"early stop: validation error has not improved for {cfg.patience} epochs")
+                break
+        if writer is not None:
+            writer.close()
+        return self._finish(epochs_run, time.perf_counter() - start)
+
+    def _end_epoch(self, epoch: int, row: dict[str, float], improved: bool, writer: Any) -> None:
+        with (self.run_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+        val = f", val error {row['val_error']:.2%}" if "val_error" in row else ""
+        self.log(
+            f"epoch {epoch}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}{val}, "
+            f"{row['images_per_second']:,.0f} img/s, {row['train_seconds']:.1f} s"
+            + (" *" if improved and "val_error" in row else "")
+        )
+        if not self.cfg.save_model:
+            return
+        state = self._state(epoch)
+        ckpt_dir = self.run_dir / "checkpoints"
+        save_checkpoint(ckpt_dir / f"epoch-{epoch:03d}.pt", state)
+        if improved:
+            save_checkpoint(self.run_dir / "best.pt", state)
+        # Keep the newest K epoch checkpoints; best.pt is a separate file and always survives.
+        for old in sorted(ckpt_dir.glob("epoch-*.pt"))[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def _finish(self, epochs_run: int, seconds: float) -> TrainResult:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        test = self._evaluate(self.data.test_x, self.data.test_y)
+        result = {
+            "best_epoch": self.best_epoch,
+            "best_val_error": self.best_val_error if math.isfinite(self.best_val_error) else None,
+            "test_accuracy": test.accuracy,
+            "test_loss": test.loss,
+            "epochs_run": epochs_run,
+            "train_seconds": seconds,
+        }
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        if self.cfg.save_model:
+            best = self._state(self.best_epoch)
+            best["model"] = self.model.state_dict()
+            best["test"] = {"accuracy": test.accuracy, "loss": test.loss}
+            save_checkpoint(self.run_dir / "best.pt", best)
+        plots.training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        return TrainResult(
+            run_dir=self.run_dir,
+            best_epoch=self.best_epoch,
+            best_val_error=result["best_val_error"],  # type: ignore[arg-type]
+            test=test,
+            epochs_run=epochs_run,
+            seconds=seconds,
+        )
+
+
+def _to_random_state(values: list[int]) -> tuple[Any, ...]:
+    return (3, tuple(int(v) for v in values), None)
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed; scalars are optional extras."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    *,
+    preset: str = "custom",
+    log: Log = print,
+    resume: Path | None = None,
+) -> TrainResult:
+    """Train (or resume) a run and evaluate its selected checkpoint once on the test set."""
+    resume_state = None
+    if resume is not None:
+        ckpt = find_resume_checkpoint(resume)
+        resume_state = load_checkpoint(ckpt)
+        saved = resume_state["config"]
+        preset = saved.get("preset", preset)
+        model_cfg = from_dict(ModelConfig, saved["model"])
+        train_cfg = from_dict(TrainConfig, saved["train"])
+        data_cfg = from_dict(DataConfig, {**saved["data"], "data_dir": data_cfg.data_dir})
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    else:
+        name = train_cfg.name or default_run_name(preset, data_cfg, train_cfg)
+        run_dir = Path(train_cfg.runs_dir) / name
+        if (run_dir / "metrics.jsonl").exists():
+            raise TrainingError(
+                f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
+                "continue it or choose another --name"
+            )
+    for cfg in (model_cfg, train_cfg, data_cfg):
+        cfg.validate()
+    trainer = _Trainer(
+        model_cfg,
+        train_cfg,
+        data_cfg,
+        preset=preset,
+        run_dir=run_dir,
+        log=log,
+        resume_state=resume_state,
+    )
+    return trainer.run()

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests make their own small data; only `mnist_root` uses the real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_MNIST_ENV = "MNIST_RESNET_SHARED_MNIST"
+MNIST_GZ = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def shared_mnist_dir() -> Path:
+    # CI clones the repo into another folder with a copy of shared/ beside it.
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    return Path(os.environ.get(SHARED_MNIST_ENV) or default)
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the real MNIST .gz files in torchvision's layout (symlinks)."""
+    shared = shared_mnist_dir()
+    missing = [name for name in MNIST_GZ if not (shared / name).is_file()]
+    if missing:
+        pytest.skip(f"real MNIST not found in {shared} (set ${SHARED_MNIST_ENV}): {missing}")
+    root = tmp_path_factory.mktemp("mnist-root")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_GZ:
+        (raw / name).symlink_to(shared / name)
+    return root

@@ -1,0 +1,89 @@
+"""The command line through main(argv): success paths and one-line user errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mnist_resnet.cli import build_parser, main, train_configs
+from mnist_resnet.config import PRESETS, TrainConfig
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_summary_lists_parameters_and_flops(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", "resnet20", "baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "== resnet20" in out and "== baseline" in out
+    assert "1,199,882" in out  # the pytorch/examples CNN
+
+
+def test_flags_override_preset_and_defaults_come_from_config() -> None:
+    args = build_parser().parse_args(["train", "--epochs", "7", "--depth", "56", "--no-amp"])
+    model_cfg, train_cfg, data_cfg = train_configs(args)
+    assert (train_cfg.epochs, model_cfg.depth, train_cfg.amp) == (7, 56, False)
+    assert train_cfg.batch_size == TrainConfig().batch_size
+    args = build_parser().parse_args(["train", "--preset", "baseline"])
+    _, train_cfg, data_cfg = train_configs(args)
+    assert train_cfg == PRESETS["baseline"].train
+    assert data_cfg.augment is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["train", "--preset", "resnet21"], "unknown preset"),
+        (["train", "--depth", "21"], "6n+2"),
+        (["train", "--block", "bottleneck", "--depth", "21"], "9n+2"),
+        (["train", "--epochs", "0"], "--epochs"),
+        (["train", "--lr", "-1"], "--lr"),
+        (["evaluate", "does-not-exist.pt"], "not found"),
+    ],
+)
+def test_user_errors_end_in_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main([*argv, "--data-dir", str(tmp_path)] if argv[0] == "train" else argv) == 2
+    assert needle in _error_line(capsys)
+
+
+def test_batch_larger_than_data_is_refused(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path)]
+    assert main([*argv, "--subset", "0.001", "--batch-size", "512"]) == 2
+    assert "larger than" in _error_line(capsys)
+
+
+@pytest.mark.slow
+def test_dry_run_then_evaluate(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dry-run", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path)]
+    assert main([*argv, "--name", "dry", "--width", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("test accuracy: ")
+    ckpt = tmp_path / "dry" / "best.pt"
+    assert main(["evaluate", str(ckpt), "--data-dir", str(mnist_root)]) == 0
+    out = capsys.readouterr().out
+    assert "confusion matrix" in out
+    assert out.strip().splitlines()[-1].startswith("test accuracy: ")
+    assert (tmp_path / "dry" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "dry" / "misclassified.png").stat().st_size > 1000
+
+
+def test_existing_run_is_not_overwritten(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "taken"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    argv = ["train", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path), "--name", "taken"]
+    assert main(argv) == 2
+    assert "--resume" in _error_line(capsys)

@@ -1,0 +1,379 @@
+"""Model tests: shapes, block wiring, initialisation, depth rules, parameter and FLOP counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mnist_resnet.config import PRESETS, ConfigError, ModelConfig
+from mnist_resnet.model import (
+    BaselineNet,
+    BottleneckBlock,
+    PlainBlock,
+    ResNet,
+    build_model,
+    count_parameters,
+    flops_per_image,
+    resnet,
+    summary,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _randomise_bn(module: nn.Module) -> None:
+    """Non-trivial BN statistics and affine parameters, so a wrong wiring cannot hide."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+
+
+def _main_path_convs(model: nn.Module) -> list[nn.Conv2d]:
+    shortcut_convs = {
+        id(m)
+        for block in model.modules()
+        if isinstance(block, PlainBlock | BottleneckBlock) and block.shortcut is not None
+        for m in block.shortcut.modules()
+    }
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in shortcut_convs]
+
+
+# --- shapes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_gives_logits_of_shape_batch_by_classes(name: str) -> None:
+    model = build_model(PRESETS[name].model).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "arch,block", [("resnet", "plain"), ("resnet", "bottleneck"), ("baseline", "plain")]
+)
+def test_in_channels_and_num_classes_are_honoured(arch: str, block: str) -> None:
+    depth = 20 if block == "plain" else 29
+    cfg = ModelConfig(arch=arch, block=block, depth=depth, in_channels=3, num_classes=5)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 28, 28))
+    assert out.shape == (2, 5)
+
+
+def test_width_scales_every_stage_and_rounds_to_at_least_one_channel() -> None:
+    half = resnet(20, width=0.5)
+    convs = [[m for m in s.modules() if isinstance(m, nn.Conv2d)] for s in half.stages]
+    assert [c[-1].out_channels for c in convs] == [8, 16, 32]
+    tiny = resnet(20, width=0.01)
+    assert tiny.conv1.out_channels == 1
+    assert tiny(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_stages_are_the_three_layers_with_strides_1_2_2() -> None:
+    model = resnet(20)
+    assert model.stages == (model.layer1, model.layer2, model.layer3)
+    assert [s[0].conv1.stride for s in model.stages] == [(1, 1), (2, 2), (2, 2)]
+    assert all(len(s) == 3 for s in model.stages)
+
+
+# --- block structure ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_plain_block_layers_in_order(stride: int) -> None:
+    block = PlainBlock(16, 32, stride)
+    children = list(block.named_children())
+    assert [name for name, _ in children] == ["conv1", "bn1", "relu", "conv2", "bn2", "shortcut"]
+    conv1, bn1, relu, conv2, bn2 = (m for _, m in children[:5])
+    assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)
+    assert (conv1.kernel_size, conv1.stride, conv1.padding) == ((3, 3), (stride, stride), (1, 1))
+    assert (conv2.kernel_size, conv2.stride, conv2.padding) == ((3, 3), (1, 1), (1, 1))
+    assert (conv1.in_channels, conv1.out_channels, conv2.out_channels) == (16, 32, 32)
+    assert isinstance(bn1, nn.BatchNorm2d) and isinstance(bn2, nn.BatchNorm2d)
+    assert isinstance(relu, nn.ReLU)
+    assert PlainBlock.expansion == 1
+
+
+def test_no_conv_anywhere_has_a_bias() -> None:
+    for model in (resnet(20), resnet(29, "bottleneck"), resnet(20, shortcut=False)):
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert convs and all(c.bias is None for c in convs)
+
+
+def test_identity_shortcut_when_shape_is_kept() -> None:
+    assert isinstance(PlainBlock(16, 16, 1).shortcut, nn.Identity)
+
+
+@pytest.mark.parametrize("in_channels,stride", [(16, 2), (8, 1), (8, 2)])
+def test_projection_shortcut_when_shape_changes(in_channels: int, stride: int) -> None:
+    shortcut = PlainBlock(in_channels, 16, stride).shortcut
+    assert isinstance(shortcut, nn.Sequential)
+    conv, bn = shortcut
+    assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
+    assert (conv.kernel_size, conv.stride, conv.bias) == ((1, 1), (stride, stride), None)
+    assert (conv.in_channels, conv.out_channels, bn.num_features) == (in_channels, 16, 16)
+
+
+def test_bottleneck_block_kernels_channels_and_stride() -> None:
+    block = BottleneckBlock(64, 32, stride=2)
+    assert BottleneckBlock.expansion == 4
+    convs = [block.conv1, block.conv2, block.conv3]
+    assert [c.kernel_size for c in convs] == [(1, 1), (3, 3), (1, 1)]
+    assert [c.stride for c in convs] == [(1, 1), (2, 2), (1, 1)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 32), (32, 32), (32, 128)]
+    assert isinstance(block.shortcut, nn.Sequential)
+    assert block.shortcut[0].stride == (2, 2)
+    assert isinstance(BottleneckBlock(128, 32).shortcut, nn.Identity)
+
+
+@pytest.mark.parametrize("in_channels,stride", [(16, 1), (8, 2)])
+def test_plain_block_forward_is_conv_bn_relu_conv_bn_add_relu(
+    in_channels: int, stride: int
+) -> None:
+    block = PlainBlock(in_channels, 16, stride)
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, in_channels, 8, 8)
+    assert block.shortcut is not None
+    with torch.no_grad():
+        expected = F.relu(
+            block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x))))) + block.shortcut(x)
+        )
+        actual = block(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_bottleneck_block_forward_matches_manual_recomputation() -> None:
+    block = BottleneckBlock(16, 8, stride=2)
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, 16, 8, 8)
+    assert block.shortcut is not None
+    with torch.no_grad():
+        out = F.relu(block.bn1(block.conv1(x)))
+        out = F.relu(block.bn2(block.conv2(out)))
+        expected = F.relu(block.bn3(block.conv3(out)) + block.shortcut(x))
+        actual = block(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_forward_calls_submodules_in_order() -> None:
+    block = PlainBlock(8, 16, 2)
+    calls: list[str] = []
+    for name, module in block.named_modules():
+        if name:
+            module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    block(torch.randn(2, 8, 8, 8))
+    assert calls == [
+        "conv1", "bn1", "relu", "conv2", "bn2",
+        "shortcut.0", "shortcut.1", "shortcut", "relu",
+    ]  # fmt: skip
+
+
+# --- shortcut=False: the paper's plain net --------------------------------------------------
+
+
+@pytest.mark.parametrize("in_channels,stride", [(16, 1), (8, 2)])
+def test_plain_net_block_has_no_skip_and_no_projection(in_channels: int, stride: int) -> None:
+    block = PlainBlock(in_channels, 16, stride, shortcut=False)
+    assert block.shortcut is None
+    assert sum(isinstance(m, nn.Conv2d) for m in block.modules()) == 2
+    _randomise_bn(block)
+    block.eval()
+    x = torch.randn(2, in_channels, 8, 8)
+    with torch.no_grad():
+        expected = F.relu(block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x))))))
+        actual = block(x)
+    torch.testing.assert_close(actual, expected)
+
+
+def test_plain_net_has_the_residual_nets_layers_minus_projections() -> None:
+    residual, plain = resnet(20), resnet(20, shortcut=False)
+    assert len(_main_path_convs(plain)) == len(_main_path_convs(residual))
+    # Two projections (16->32, 32->64): 1x1 conv weights plus BN gamma and beta.
+    assert count_parameters(residual) - count_parameters(plain) == 16 * 32 + 64 + 32 * 64 + 128
+
+
+# --- initialisation -------------------------------------------------------------------------
+
+
+def test_zero_init_residual_zeroes_every_last_bn_and_blocks_start_as_identity() -> None:
+    for model in (
+        resnet(20, zero_init_residual=True),
+        resnet(29, "bottleneck", zero_init_residual=True),
+    ):
+        blocks = [b for b in model.modules() if isinstance(b, PlainBlock | BottleneckBlock)]
+        assert len(blocks) == 9
+        for block in blocks:
+            last_bn = block.bn3 if isinstance(block, BottleneckBlock) else block.bn2
+            assert torch.all(last_bn.weight == 0)
+        model.eval()
+        # First block of stage 2 has a projection shortcut, later blocks an identity.
+        for first in (model.layer2[0], model.layer2[1]):
+            assert isinstance(first, PlainBlock | BottleneckBlock) and first.shortcut is not None
+            x = torch.randn(2, first.conv1.in_channels, 14, 14)
+            with torch.no_grad():
+                torch.testing.assert_close(first(x), F.relu(first.shortcut(x)))
+
+
+def test_zero_init_is_skipped_without_shortcuts_and_when_disabled() -> None:
+    for model in (resnet(20, shortcut=False, zero_init_residual=True), resnet(20)):
+        blocks = [b for b in model.modules() if isinstance(b, PlainBlock)]
+        assert all(torch.all(b.bn2.weight == 1) for b in blocks)
+
+
+def test_conv_weights_are_kaiming_normal_fan_out() -> None:
+    model = resnet(56)
+    weights = torch.cat(
+        [
+            m.weight.flatten()
+            for m in model.layer3.modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+        ]
+    )
+    # fan_out = 64 * 3 * 3, gain sqrt(2): std = sqrt(2 / 576).
+    assert weights.std().item() == pytest.approx((2 / 576) ** 0.5, rel=0.02)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.all(bn.bias == 0) for bn in bns)
+
+
+# --- depth rules and layer counts -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "depth,block",
+    [(21, "plain"), (2, "plain"), (21, "bottleneck"), (30, "bottleneck"), (8, "bottleneck")],
+)
+def test_invalid_depth_raises_config_error(depth: int, block: str) -> None:
+    with pytest.raises(ConfigError, match=f"depth {depth} is not valid for {block} blocks"):
+        resnet(depth, block)
+
+
+def test_depth_20_is_valid_for_both_block_kinds() -> None:
+    # 20 = 6*3 + 2 = 9*2 + 2: two bottleneck blocks per stage, not an invalid depth.
+    assert len(resnet(20, "plain").layer1) == 3
+    assert len(resnet(20, "bottleneck").layer1) == 2
+
+
+def test_unknown_block_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown block"):
+        resnet(20, "basic")
+
+
+def test_build_model_validates_the_config() -> None:
+    assert isinstance(build_model(ModelConfig()), ResNet)
+    assert isinstance(build_model(ModelConfig(arch="baseline")), BaselineNet)
+    with pytest.raises(ConfigError):
+        build_model(ModelConfig(depth=21))
+
+
+@pytest.mark.parametrize(
+    "depth,block", [(20, "plain"), (56, "plain"), (29, "bottleneck"), (56, "bottleneck")]
+)
+def test_depth_counts_main_path_convs_plus_fc(depth: int, block: str) -> None:
+    model = resnet(depth, block)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(_main_path_convs(model)) + len(linears) == depth
+
+
+# --- parameter and FLOP counts --------------------------------------------------------------
+
+
+def test_resnet20_parameter_count() -> None:
+    # stem 144 + 32; stage 1: 3 x (2 x 2,304 + 64); stage 2: 4,608 + 9,216 + 128 + projection
+    # 512 + 64, then 2 x (2 x 9,216 + 128); stage 3 likewise at 64 channels; fc 650.
+    assert count_parameters(resnet(20)) == 272_186
+    # With 3 input channels it is the widely quoted CIFAR ResNet-20 (projection shortcuts)
+    # count, 0.27M as in He et al. 2015, Table 6.
+    assert count_parameters(resnet(20, in_channels=3)) == 272_474
+
+
+def test_baseline_matches_pytorch_examples_mnist_cnn() -> None:
+    model = BaselineNet()
+    assert count_parameters(model) == 1_199_882
+    assert model.fc1.in_features == 64 * 12 * 12
+    assert [type(m) for m in model.children()] == [
+        nn.Conv2d,
+        nn.Conv2d,
+        nn.Dropout,
+        nn.Dropout,
+        nn.Linear,
+        nn.Linear,
+    ]
+    assert (model.dropout1.p, model.dropout2.p) == (0.25, 0.5)
+
+
+def test_baseline_returns_logits_not_log_probabilities() -> None:
+    model = BaselineNet().eval()
+    with torch.no_grad():
+        out = model(torch.randn(4, 1, 28, 28))
+    # log_softmax output would have logsumexp exactly 0 in every row.
+    assert not torch.allclose(out.logsumexp(dim=1), torch.zeros(4), atol=1e-3)
+
+
+def test_baseline_flops_are_the_conv_and_linear_arithmetic() -> None:
+    expected = 2 * (26 * 26 * 32 * 9 + 24 * 24 * 64 * 32 * 9 + 9216 * 128 + 128 * 10)
+    assert flops_per_image(BaselineNet()) == expected == 23_984_896
+
+
+def test_resnet_flops_scale_with_depth() -> None:
+    small, large = flops_per_image(resnet(20)), flops_per_image(resnet(56))
+    assert small > 0
+    assert 2.5 < large / small < 56 / 20 + 0.5
+    # Stem plus 18 3x3 convs at 16/32/64 channels on 28/14/7 pixels, in MACs x 2 (plus fc and
+    # projections): the CIFAR ResNet-20's ~41M MACs at 32x32 scaled by (28/32)^2.
+    assert small == 62_043_904
+
+
+def test_flops_per_image_keeps_training_mode_and_gradients_untouched() -> None:
+    model = resnet(20).train()
+    flops_per_image(model)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_summary_reports_name_params_flops_and_stage_shapes() -> None:
+    text = summary(PRESETS["resnet20"].model)
+    assert "model: resnet-20 (plain blocks, shortcuts on)" in text
+    assert "parameters: 272,186" in text
+    assert "forward FLOPs/image: 62.0 M" in text
+    assert "16x28x28" in text and "32x14x14" in text and "64x7x7" in text
+    plain = summary(ModelConfig(block="bottleneck", depth=29, shortcut=False))
+    assert "(bottleneck blocks, shortcuts off)" in plain and "256x7x7" in plain
+    assert "baseline" in summary(PRESETS["baseline"].model)
+
+
+# --- it learns ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(shortcut: bool) -> None:
+    model = resnet(20, width=0.5, shortcut=shortcut, zero_init_residual=shortcut)
+    x = torch.randn(32, 1, 28, 28)
+    y = torch.randint(0, 10, (32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            value = F.cross_entropy(model(x), y).item()
+        return float(value)
+
+    before = eval_loss()
+    model.train()
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss: Tensor = F.cross_entropy(model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
+    assert eval_loss() < before

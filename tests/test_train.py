@@ -1,0 +1,114 @@
+"""Training: schedule, optimizer groups, the train step, and short real runs with resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
+from mnist_resnet.model import build_model
+from mnist_resnet.runtime import make_runtime
+from mnist_resnet.train import lr_factor, make_optimizer, param_groups, train, train_step
+
+
+def test_onecycle_warms_up_then_decays_to_zero() -> None:
+    cfg = TrainConfig(epochs=4, warmup_epochs=1.0)
+    factors = [lr_factor(s, cfg=cfg, steps_per_epoch=10) for s in range(40)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+    assert lr_factor(40, cfg=cfg, steps_per_epoch=10) == pytest.approx(0.0)
+
+
+def test_step_schedule_matches_pytorch_examples() -> None:
+    cfg = TrainConfig(schedule="step")
+    assert lr_factor(0, cfg=cfg, steps_per_epoch=10) == 1.0
+    assert lr_factor(25, cfg=cfg, steps_per_epoch=10) == pytest.approx(0.49)
+
+
+def test_no_weight_decay_on_bn_and_bias() -> None:
+    model = build_model(ModelConfig(depth=20))
+    decay, no_decay = param_groups(model, 5e-4)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    bn_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert bn_ids <= {id(p) for p in no_decay["params"]}
+    assert no_decay["weight_decay"] == 0.0
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == total
+
+
+def test_train_step_lowers_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(depth=20, width=0.5))
+    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    model = runtime.prepare_model(model)
+    opt = make_optimizer(model, TrainConfig(lr=0.05, weight_decay=0.0))
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    losses = [float(train_step(model, x, y, opt, runtime)[0]) for _ in range(25)]
+    assert losses[-1] < losses[0] * 0.5
+
+
+def _small_run(
+    root: Path, runs: Path, **train_kw: object
+) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    model_cfg = ModelConfig(depth=20, width=0.5)
+    train_cfg = TrainConfig(
+        epochs=2, batch_size=128, runs_dir=str(runs), deterministic=True, threads=2
+    )
+    train_cfg = dataclasses.replace(train_cfg, **train_kw)
+    data_cfg = DataConfig(data_dir=str(root), subset=0.06, val_size=5000)
+    return model_cfg, train_cfg, data_cfg
+
+
+@pytest.mark.slow
+def test_two_epochs_on_a_real_subset_learn_digits(mnist_root: Path, tmp_path: Path) -> None:
+    result = train(*_small_run(mnist_root, tmp_path, name="run"), log=lambda _: None)
+    assert result.test.accuracy > 0.9  # 10% chance; ~91-95% after 50 steps on 3.3k images
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["val_error"] < 0.1
+    for name in ("best.pt", "curves.png", "config.json", "result.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "epoch-001.pt",
+        "epoch-002.pt",
+    ]
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_metrics(mnist_root: Path, tmp_path: Path) -> None:
+    """Interrupting after epoch 2 trains, before its checkpoint, then resuming from epoch 1."""
+    full = train(*_small_run(mnist_root, tmp_path, name="full"), log=lambda _: None)
+
+    def die_at_epoch_two(line: str) -> None:
+        if line.startswith("epoch 2/"):
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(*_small_run(mnist_root, tmp_path, name="cut"), log=die_at_epoch_two)
+    assert not (tmp_path / "cut" / "checkpoints" / "epoch-002.pt").exists()
+    resumed = train(
+        *_small_run(mnist_root, tmp_path, name="ignored"),
+        log=lambda _: None,
+        resume=tmp_path / "cut",
+    )
+    assert resumed.run_dir == tmp_path / "cut"
+    assert resumed.test.accuracy == full.test.accuracy
+    assert resumed.test.loss == full.test.loss
+    rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    full_rows = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    strip = ("images_per_second", "train_seconds")
+    assert [{k: v for k, v in json.loads(r).items() if k not in strip} for r in rows] == [
+        {k: v for k, v in json.loads(r).items() if k not in strip} for r in full_rows
+    ]
