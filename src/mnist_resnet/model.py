@@ -298,7 +298,8 @@ def _shape(*dims: int) -> str:
     return "x".join(str(d) for d in dims)
 
 
-def _describe(cfg: ModelConfig) -> str:
+def describe(cfg: ModelConfig) -> str:
+    """One line naming the architecture, e.g. `resnet-20 (plain blocks, shortcuts on)`."""
     if cfg.arch == "baseline":
         return "baseline (pytorch/examples MNIST CNN)"
     shortcuts = "on" if cfg.shortcut else "off"
@@ -333,7 +334,7 @@ def summary(cfg: ModelConfig) -> str:
     model = build_model(cfg)
     rows = _rows(cfg, model)
     lines = [
-        f"model: {_describe(cfg)}",
+        f"model: {describe(cfg)}",
         f"input: {_shape(cfg.in_channels, IMAGE_SIZE, IMAGE_SIZE)}",
         f"{'stage':<12}{'output':>12}{'params':>12}",
     ]

@@ -30,7 +30,7 @@ from mnist_resnet.config import (
     to_dict,
 )
 from mnist_resnet.evaluate import EvalResult, evaluate
-from mnist_resnet.model import build_model
+from mnist_resnet.model import build_model, describe
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
 
 Log = Callable[[str], None]
@@ -339,7 +339,8 @@ class _Trainer:
             json.dumps(self._state(0)["config"], indent=2) + "\n"
         )
         self.log(
-            f"training {self.preset} on {self.data_cfg.dataset}: {len(self.data.train_x)} train / "
+            f"training {describe(self.model_cfg)} (preset {self.preset}) on "
+            f"{self.data_cfg.dataset}: {len(self.data.train_x)} train / "
             f"{len(self.data.val_x)} validation images, {self.runtime.describe()}, "
             f"run directory {self.run_dir}"
         )
