@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 ARGS ?=
+LINTED := $(wildcard src tests benchmarks)
 
 .PHONY: train test lint install install-dev bench clean
 
@@ -12,8 +13,8 @@ train: $(VENV)/.installed
 	$(BIN)/mnist-resnet train $(ARGS)
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q $(ARGS)
 
