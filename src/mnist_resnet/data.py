@@ -571,6 +571,9 @@ def _try_dirs(chain: _Chain, dirs: Sequence[Path], kind: str) -> None:
                     break
                 except _Rejected as e:
                     chain.fail(f"{kind} {d}", str(e))
+                    # Say so now: a damaged local copy is worth knowing about even when a
+                    # later source succeeds.
+                    chain.log(f"{chain.spec.name}: ignoring {path}: {e}")
 
 
 _ATTEMPTS = 2
