@@ -1,0 +1,317 @@
+"""HTTP API (FastAPI on uvicorn) and the draw-a-digit page; the model is loaded once per process.
+
+Endpoints: `POST /predict` (image uploads, or JSON 28x28 pixel arrays; batches allowed),
+`GET /health`, `GET /model`, `GET /openapi.json`, and `GET /` (the page, assets beside this
+file, nothing from a CDN). Bodies over `MAX_BODY_BYTES` get 413, unreadable images 400,
+unusable content (blank canvas, wrong shape) 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mnist_resnet.checkpoint import load_model
+from mnist_resnet.predict import (
+    IMAGE_SIZE,
+    BlankImage,
+    ImageError,
+    Predictor,
+    Ranked,
+    decode,
+    preprocess,
+    preprocess_pixels,
+)
+
+MAX_BODY_BYTES = 5 * 1024 * 1024
+MAX_BATCH = 64
+TOP_K = 3
+T = TypeVar("T")
+STATIC_DIR = Path(str(resources.files("mnist_resnet") / "static"))
+
+
+class PixelBatch(BaseModel):
+    """28x28 images as nested lists of 0..255 values, white ink on black like MNIST."""
+
+    images: list[list[list[float]]] = Field(
+        ..., description="one or more 28x28 arrays, values 0..255", min_length=1
+    )
+    preprocess: bool = Field(
+        False,
+        description="run the MNIST-style preprocessing (polarity, crop, scale, centre) first; "
+        "off: the pixels are used as they are",
+    )
+    top_k: int = Field(TOP_K, ge=1, le=10)
+
+
+class Candidate(BaseModel):
+    # "class" is the natural JSON key but a Python keyword: built from a dict, read by alias.
+    label: str = Field(..., alias="class")
+    index: int
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    prediction: str
+    top: list[Candidate]
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ImagePrediction]
+
+
+class BodySizeLimit:
+    """413 for bodies over `limit` bytes: by Content-Length up front, else while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await _send_json(send, 413, f"request body over {self.limit:,} bytes")
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # Raised inside the endpoint's body parsing; FastAPI answers it as a 413.
+                raise HTTPException(413, f"request body over {self.limit:,} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+async def _send_json(send: Send, status: int, detail: str) -> None:
+    body = JSONResponse({"detail": detail}, status_code=status).body
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
+    return PredictResponse(
+        predictions=[
+            ImagePrediction(
+                prediction=top[0].label,
+                top=[
+                    Candidate.model_validate(
+                        {"class": r.label, "index": r.index, "probability": r.probability}
+                    )
+                    for r in top
+                ],
+            )
+            for top in ranked
+        ]
+    )
+
+
+def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
+    """The app with its model loaded; `threads` intra-op threads for inference."""
+    loaded = load_model(checkpoint)
+    torch.set_num_threads(max(1, threads))
+    predictor = Predictor(loaded)
+    # One forward at a time: requests are single images (about 1 ms), and interleaved forwards
+    # only fight over the same cores; decoding and preprocessing still run in parallel.
+    lock = threading.Lock()
+    test = loaded.state.get("test") or {}
+    model_info = {
+        "preset": loaded.preset,
+        "dataset": loaded.data_config.dataset,
+        "class_names": list(loaded.class_names),
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test.get("loss"),
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": _file_sha256(checkpoint),
+        "data_hashes": loaded.state.get("data_hashes", {}),
+        "normalization": {"mean": loaded.mean, "std": loaded.std},
+        "max_body_bytes": MAX_BODY_BYTES,
+        "max_batch": MAX_BATCH,
+    }
+
+    def run(batch: np.ndarray[Any, Any], k: int) -> PredictResponse:
+        with lock:
+            return _as_response(predictor.top_k(batch, k))
+
+    app = FastAPI(
+        title="mnist-resnet",
+        summary="Handwritten digit classifier (ResNet on MNIST)",
+        version=str(loaded.state.get("format_version", "1")),
+        # Swagger UI / ReDoc load their scripts from a CDN; the schema itself stays offline.
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/model")
+    def model() -> dict[str, Any]:
+        return model_info
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_by_alias=True,
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "file": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "binary"},
+                                }
+                            },
+                            "required": ["file"],
+                        }
+                    },
+                    "application/json": {"schema": PixelBatch.model_json_schema()},
+                },
+                "required": True,
+            }
+        },
+    )
+    async def predict(request: Request) -> PredictResponse:
+        """Top-k classes for uploaded images (multipart field `file`, repeatable; any format,
+        size and polarity, preprocessed MNIST-style) or a JSON body `{"images": [28x28, ...]}`.
+        """
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            batch, k = await _json_batch(request)
+        elif kind == "multipart/form-data":
+            batch, k = await _upload_batch(request)
+        else:
+            raise HTTPException(
+                415, "send multipart/form-data with image file(s) in field 'file', or JSON"
+            )
+        return await _in_thread(run, batch, k)
+
+    return app
+
+
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    return await run_in_threadpool(fn, *args)
+
+
+async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
+    try:
+        body = PixelBatch.model_validate_json(await request.body())
+    except ValueError as e:
+        first = str(e).strip().splitlines()
+        raise HTTPException(422, f"invalid JSON body: {' '.join(first[:3])[:300]}") from None
+    if len(body.images) > MAX_BATCH:
+        raise HTTPException(422, f"at most {MAX_BATCH} images per request")
+    images = []
+    for i, image in enumerate(body.images):
+        arr = np.asarray(image, dtype=np.float32)
+        if arr.shape != (IMAGE_SIZE, IMAGE_SIZE) and not body.preprocess:
+            raise HTTPException(
+                422, f"image {i}: expected 28x28 pixels, got {arr.shape}; or set preprocess"
+            )
+        if arr.ndim != 2 or arr.size == 0 or arr.size > 1024 * 1024:
+            raise HTTPException(422, f"image {i}: expected a 2-D array, got shape {arr.shape}")
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+            raise HTTPException(422, f"image {i}: pixel values must be numbers in 0..255")
+        if body.preprocess:
+            try:
+                images.append(await _in_thread(preprocess_pixels, arr))
+            except ImageError as e:
+                raise HTTPException(422, f"image {i}: {e}") from None
+        else:
+            images.append(np.round(arr).astype(np.uint8))
+    return np.stack(images), body.top_k
+
+
+async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
+    try:
+        form = await request.form(max_files=MAX_BATCH, max_fields=MAX_BATCH + 4)
+    except HTTPException:
+        raise
+    except Exception as e:
+        raise HTTPException(400, f"malformed multipart body: {e}") from None
+    uploads = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
+    if not uploads:
+        raise HTTPException(422, "no image: send the image(s) in multipart field 'file'")
+    k_field = form.get("top_k", str(TOP_K))
+    if not isinstance(k_field, str) or not k_field.isdigit() or not 1 <= int(k_field) <= 10:
+        raise HTTPException(422, "top_k must be an integer from 1 to 10")
+    images = []
+    for i, upload in enumerate(uploads):
+        name = upload.filename or f"file {i}"
+        payload = await upload.read()
+        try:
+            images.append(await _in_thread(_decode_and_preprocess, payload))
+        except BlankImage as e:
+            raise HTTPException(422, f"{name}: {e}") from None
+        except ImageError as e:
+            raise HTTPException(400, f"{name}: {e}") from None
+    return np.stack(images), int(k_field)
+
+
+def _decode_and_preprocess(payload: bytes) -> np.ndarray[Any, Any]:
+    return preprocess(decode(payload))
+
+
+def serve(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, threads: int = 1) -> None:
+    """Run the app under uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(checkpoint, threads=threads)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        # A bounded server: refuse (503) beyond this many open connections rather than queue
+        # without limit, and drop idle keep-alive connections quickly.
+        limit_concurrency=256,
+        timeout_keep_alive=5,
+    )

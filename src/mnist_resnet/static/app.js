@@ -1,0 +1,143 @@
+// Draw on the canvas (pointer events: mouse, pen and touch), send it as a PNG to POST /predict
+// while drawing (one request in flight at a time), show the top-3 classes with bars.
+"use strict";
+(function () {
+  const pad = document.getElementById("pad");
+  const ctx = pad.getContext("2d");
+  const prediction = document.getElementById("prediction");
+  const top = document.getElementById("top");
+  const status = document.getElementById("status");
+  let drawing = false;
+  let last = null;
+  let inked = false;
+  let inFlight = false;
+  let dirty = false;
+  let generation = 0; // bumped by Clear, so late answers for an old drawing are ignored
+
+  function reset() {
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, pad.width, pad.height);
+    ctx.strokeStyle = "#fff";
+    ctx.fillStyle = "#fff";
+    ctx.lineWidth = 18;
+    ctx.lineCap = "round";
+    ctx.lineJoin = "round";
+    inked = false;
+    dirty = false;
+    generation += 1;
+    prediction.textContent = "–";
+    top.replaceChildren();
+    status.textContent = "waiting for a stroke";
+  }
+
+  function point(event) {
+    const rect = pad.getBoundingClientRect();
+    return {
+      x: ((event.clientX - rect.left) * pad.width) / rect.width,
+      y: ((event.clientY - rect.top) * pad.height) / rect.height,
+    };
+  }
+
+  function dot(p) {
+    ctx.beginPath();
+    ctx.arc(p.x, p.y, ctx.lineWidth / 2, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+
+  function line(a, b) {
+    ctx.beginPath();
+    ctx.moveTo(a.x, a.y);
+    ctx.lineTo(b.x, b.y);
+    ctx.stroke();
+  }
+
+  function show(answer) {
+    const best = answer.predictions[0];
+    prediction.textContent = best.prediction;
+    top.replaceChildren(
+      ...best.top.map((c) => {
+        const row = document.createElement("li");
+        const name = document.createElement("span");
+        name.textContent = c.class;
+        const bar = document.createElement("div");
+        bar.className = "bar";
+        const fill = document.createElement("span");
+        fill.style.width = (100 * c.probability).toFixed(1) + "%";
+        bar.appendChild(fill);
+        const pct = document.createElement("span");
+        pct.className = "pct";
+        pct.textContent = (100 * c.probability).toFixed(1) + "%";
+        row.append(name, bar, pct);
+        return row;
+      })
+    );
+  }
+
+  function send() {
+    if (!inked) return;
+    if (inFlight) {
+      dirty = true;
+      return;
+    }
+    inFlight = true;
+    dirty = false;
+    const asked = generation;
+    pad.toBlob((blob) => {
+      const form = new FormData();
+      form.append("file", blob, "canvas.png");
+      fetch("/predict", { method: "POST", body: form })
+        .then((r) => r.json().then((body) => ({ ok: r.ok, body })))
+        .then(({ ok, body }) => {
+          if (asked !== generation) return;
+          if (ok) {
+            show(body);
+            status.textContent = "";
+          } else {
+            status.textContent = body.detail || "the server refused the drawing";
+          }
+        })
+        .catch(() => {
+          status.textContent = "server unreachable";
+        })
+        .finally(() => {
+          inFlight = false;
+          if (dirty) send();
+        });
+    }, "image/png");
+  }
+
+  pad.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    pad.setPointerCapture(event.pointerId);
+    drawing = true;
+    last = point(event);
+    dot(last);
+    inked = true;
+    send();
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    event.preventDefault();
+    const p = point(event);
+    line(last, p);
+    last = p;
+    send();
+  });
+  function stop() {
+    if (!drawing) return;
+    drawing = false;
+    send();
+  }
+  pad.addEventListener("pointerup", stop);
+  pad.addEventListener("pointercancel", stop);
+  document.getElementById("clear").addEventListener("click", reset);
+
+  fetch("/model")
+    .then((r) => r.json())
+    .then((m) => {
+      const acc = m.test_accuracy == null ? "" : `, ${(100 * m.test_accuracy).toFixed(2)}% on the test set`;
+      document.getElementById("model").textContent = `model: ${m.preset}${acc}`;
+    })
+    .catch(() => {});
+  reset();
+})();

@@ -1,0 +1,130 @@
+"""End to end: draw a digit on the page in a real headless Chromium and read its prediction."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+if missing:
+    pytest.skip(
+        f"chromium/chromedriver not installed: {', '.join(missing)} missing "
+        "(apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
+pytest.importorskip("selenium", reason="selenium is not installed (dev extra)")
+pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
+import uvicorn  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from mnist_resnet.serve import create_app  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(small_checkpoint: Path) -> Iterator[str]:
+    port = _free_port()
+    config = uvicorn.Config(
+        create_app(small_checkpoint), host="127.0.0.1", port=port, log_level="warning"
+    )
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    profile = tempfile.mkdtemp(prefix="mnist-resnet-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--window-size=900,700",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    # Debian's chromedriver, so selenium-manager never looks for (or downloads) a driver.
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_drawing_a_digit_shows_the_api_prediction(
+    server: str, browser: webdriver.Chrome, small_checkpoint: Path
+) -> None:
+    browser.get(server + "/")
+    canvas = browser.find_element(By.ID, "pad")
+    # A "7": a top bar, then a long diagonal down to the left (offsets from the canvas centre).
+    path = [(-60, -90), (60, -90), (0, 0), (-25, 100)]
+    actions = ActionChains(browser, duration=10)
+    actions.move_to_element_with_offset(canvas, *path[0]).click_and_hold()
+    for (x0, y0), (x1, y1) in itertools.pairwise(path):
+        for step in range(1, 9):
+            t = step / 8
+            actions.move_to_element_with_offset(
+                canvas, round(x0 + t * (x1 - x0)), round(y0 + t * (y1 - y0))
+            )
+    actions.release().perform()
+
+    shown = WebDriverWait(browser, 20).until(
+        lambda d: (text := d.find_element(By.ID, "prediction").text).isdigit() and text
+    )
+    WebDriverWait(browser, 20).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#top li .bar span")) == 3
+    )
+    time.sleep(0.5)  # let the last in-flight answer land
+    shown = browser.find_element(By.ID, "prediction").text
+    width = browser.find_element(By.CSS_SELECTOR, "#top li .bar span").get_attribute("style")
+    assert width and "width" in width
+
+    # The page shows what the API answers for the very pixels on the canvas.
+    png = base64.b64decode(
+        browser.execute_script(
+            "return document.getElementById('pad').toDataURL('image/png')"
+        ).split(",", 1)[1]
+    )
+    with TestClient(create_app(small_checkpoint)) as client:
+        answer = client.post("/predict", files={"file": ("canvas.png", png, "image/png")})
+    assert answer.status_code == 200
+    assert shown == answer.json()["predictions"][0]["prediction"]
+
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "prediction").text == "–"

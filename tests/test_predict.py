@@ -1,0 +1,202 @@
+"""predict: MNIST-style preprocessing of arbitrary pictures, and one-line errors for bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnist_resnet import data
+from mnist_resnet.cli import main
+from mnist_resnet.predict import (
+    BlankImage,
+    Predictor,
+    UnreadableImage,
+    decode,
+    preprocess,
+)
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    return splits.test_images[:100].numpy(), splits.test_labels[:100].numpy()
+
+
+@pytest.fixture(scope="module")
+def predictor(small_checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(small_checkpoint)
+
+
+def _photo(digit: np.ndarray, seed: int = 0) -> Image.Image:
+    """A dark-pen digit on unevenly lit paper, off centre in a large RGB frame, with noise."""
+    rng = np.random.default_rng(seed)
+    ink = np.asarray(Image.fromarray(digit).resize((300, 300), Image.Resampling.BICUBIC)) / 255
+    h, w = 700, 500
+    yy, xx = np.mgrid[0:h, 0:w]
+    page = 0.9 - 0.25 * xx / w - 0.1 * (yy / h) ** 2
+    page[100:400, 150:450] *= 1 - 0.85 * ink
+    page += rng.normal(0, 0.02, page.shape)
+    gray = (np.clip(page, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([gray, gray, (gray * 0.9).astype(np.uint8)], axis=2)  # a slightly warm paper
+    return Image.fromarray(rgb)
+
+
+def _variants(digit: np.ndarray) -> dict[str, Image.Image]:
+    big = np.asarray(Image.fromarray(digit).resize((280, 350), Image.Resampling.BICUBIC))
+    m = big[..., None] / 255.0
+    red_on_yellow = ((1 - m) * [240, 220, 60] + m * [190, 20, 20]).astype(np.uint8)
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = digit
+    return {
+        "L": Image.fromarray(digit),
+        "inverted": Image.fromarray(255 - big),
+        "red-on-yellow": Image.fromarray(red_on_yellow),
+        "white-on-transparent": Image.fromarray(rgba, "RGBA"),
+        "I;16": Image.fromarray(digit.astype(np.uint16) * 257),
+        "P": Image.fromarray(255 - big).convert("P"),
+        "LA": Image.fromarray(255 - big).convert("LA"),
+        "photo": _photo(digit),
+    }
+
+
+def test_preprocessing_keeps_mnist_digits_and_their_predictions(
+    digits: tuple[np.ndarray, np.ndarray], predictor: Predictor
+) -> None:
+    images, labels = digits
+    again = np.stack([preprocess(Image.fromarray(d)) for d in images])
+    # Same framing as MNIST: a 20-px box centred by mass, so the round trip barely moves pixels.
+    assert again.shape == (100, 28, 28) and again.dtype == np.uint8
+    assert np.abs(again.astype(int) - images.astype(int)).mean() < 25
+    direct = predictor.probabilities(images).argmax(1).numpy()
+    redone = predictor.probabilities(again).argmax(1).numpy()
+    assert (redone == direct).mean() >= 0.95
+    assert (redone == labels).mean() >= 0.9
+
+
+def test_sizes_colours_modes_and_photos_give_mnist_like_inputs(
+    digits: tuple[np.ndarray, np.ndarray], predictor: Predictor
+) -> None:
+    images, labels = digits
+    reference = np.stack([preprocess(Image.fromarray(d)) for d in images[:20]])
+    variants = [_variants(d) for d in images[:20]]
+    for name in variants[0]:
+        seen = np.stack([preprocess(v[name]) for v in variants])
+        # Ink white on black, digit in the 20-px box, centre of mass in the middle.
+        assert seen[:, 0, :].max() < 64 and seen[:, :, 0].max() < 64, name
+        ys, xs = np.mgrid[0:28, 0:28]
+        mass = seen.astype(float).sum(axis=(1, 2))
+        assert np.allclose((seen * ys).sum(axis=(1, 2)) / mass, 13.5, atol=1.0), name
+        assert np.allclose((seen * xs).sum(axis=(1, 2)) / mass, 13.5, atol=1.0), name
+        predicted = predictor.probabilities(seen).argmax(1).numpy()
+        agree = (predicted == predictor.probabilities(reference).argmax(1).numpy()).mean()
+        assert agree >= 0.85, f"{name}: {agree:.0%} agree with the plain digits"
+        assert (predicted == labels[:20]).mean() >= 0.8, name
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of `width` x `height` zero pixels: ~100 KB that inflate to ~110 MB."""
+    packer = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "empty": folder / "empty.png",
+        "text": folder / "notes.png",
+        "truncated": folder / "truncated.png",
+        "bomb": folder / "bomb.png",
+        "huge": folder / "huge.gif",
+        "blank": folder / "blank.png",
+    }
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("this is not an image\n")
+    buf = folder / "whole.png"
+    Image.fromarray((np.random.default_rng(0).random((200, 200)) * 255).astype(np.uint8)).save(buf)
+    files["truncated"].write_bytes(buf.read_bytes()[:400])
+    buf.unlink()
+    files["bomb"].write_bytes(_png_bomb(30000, 30000))
+    # A 7x5 GIF whose screen and frame headers are rewritten to claim 30,000 x 30,000.
+    small = io.BytesIO()
+    Image.new("P", (7, 5)).save(small, "GIF")
+    gif = bytearray(small.getvalue())
+    frame = gif.index(b"\x2c\x00\x00\x00\x00\x07\x00\x05\x00")
+    gif[6:10] = gif[frame + 5 : frame + 9] = (30000).to_bytes(2, "little") * 2
+    files["huge"].write_bytes(bytes(gif))
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(files["blank"])
+    return files
+
+
+def test_hostile_files_each_get_one_line(tmp_path: Path) -> None:
+    files = _bad_files(tmp_path)
+    for name, path in files.items():
+        with pytest.raises((UnreadableImage, BlankImage)) as info:
+            preprocess(decode(path.read_bytes()))
+        message = str(info.value)
+        assert message and "\n" not in message, name
+        assert isinstance(info.value, BlankImage) == (name == "blank"), name
+    for name in ("bomb", "huge"):
+        with pytest.raises(UnreadableImage, match="decompression bomb"):
+            decode(files[name].read_bytes())
+    # Between our 50 MP limit and Pillow's own: refused before a pixel is decoded.
+    with pytest.raises(UnreadableImage, match="pixel limit"):
+        decode(_png_bomb(8000, 8000))
+
+
+def test_cli_reports_every_file_and_fails_only_on_unreadable(
+    tmp_path: Path,
+    small_checkpoint: Path,
+    digits: tuple[np.ndarray, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    images, labels = digits
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        _variants(images[i])["red-on-yellow"].save(good / f"d{i}.jpg", quality=90)
+    _photo(images[3]).save(good / "photo.webp")
+    _variants(images[4])["I;16"].save(good / "deep.tif")
+    Image.fromarray(255 - images[5]).save(good / "paper.bmp")
+    argv = ["predict", str(small_checkpoint), str(good), "--json"]
+    assert main([*argv, "--save-preprocessed", str(tmp_path / "seen")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out) == 6 and all("prediction" in r for r in out)
+    assert all(len(r["top"]) == 3 for r in out)
+    assert sum(r["top"][0]["probability"] >= r["top"][1]["probability"] for r in out) == 6
+    assert len(list((tmp_path / "seen").glob("*.png"))) == 6
+    truth = {"d0.jpg": 0, "d1.jpg": 1, "d2.jpg": 2, "photo.webp": 3, "deep.tif": 4, "paper.bmp": 5}
+    hits = sum(int(r["prediction"]) == labels[truth[Path(r["file"]).name]] for r in out)
+    assert hits >= 5
+
+    bad = _bad_files(tmp_path / "bad")
+    assert main(["predict", str(small_checkpoint), str(good / "d0.jpg"), str(bad["blank"])]) == 0
+    capsys.readouterr()
+    pattern = str(tmp_path / "bad" / "*")
+    assert main(["predict", str(small_checkpoint), str(good / "d0.jpg"), pattern, "nope.png"]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1 + len(bad) + 1 + 1  # good file, bad files, missing file, summary
+    assert lines[0].startswith(str(good / "d0.jpg") + ": ")
+    assert sum(": error: " in line for line in lines) == len(bad) + 1
+    assert lines[-1] == f"predicted 1 of {len(bad) + 2} inputs"
