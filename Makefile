@@ -35,3 +35,6 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench.py $(ARGS)

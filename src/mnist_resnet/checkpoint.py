@@ -7,6 +7,7 @@ hashes, so the model can be rebuilt and its provenance checked from the file alo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -36,6 +37,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     A crash at any moment leaves either the old file or the complete new one, never a torn one.
     """
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    state["weights_sha256"] = weights_digest(state["model"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
@@ -66,6 +68,17 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over parameter names, shapes, dtypes and bytes: detects edited or damaged weights
+    that still unpickle (torch.load checks the zip structure, not the tensor bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -104,6 +117,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{path} is missing {', '.join(missing)}")
+    if not isinstance(state["model"], dict) or not all(
+        isinstance(v, torch.Tensor) for v in state["model"].values()
+    ):
+        raise CheckpointError(f"{path} holds no model weights")
+    recorded = state.get("weights_sha256")
+    if recorded is not None and recorded != weights_digest(state["model"]):
+        raise CheckpointError(
+            f"{path}: weights do not match their recorded checksum (tampered or corrupted)"
+        )
     return state
 
 

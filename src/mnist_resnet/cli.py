@@ -41,6 +41,7 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--patience", "patience", "stop after this many epochs without validation gain (0: off)"),
     ("--grad-clip", "grad_clip", "clip the gradient norm to this value (0: off)"),
     ("--keep-last", "keep_last", "epoch checkpoints to keep besides best.pt"),
+    ("--checkpoint-steps", "checkpoint_steps", "also checkpoint every N steps (0: per epoch)"),
     ("--runs-dir", "runs_dir", "folder that holds run directories"),
     ("--name", "name", "run directory name (default: <preset>-<dataset>-s<seed>-<time>)"),
 )
@@ -52,11 +53,15 @@ TRAIN_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--compile", "compile", "torch.compile the model (compile time counts)"),
     ("--deterministic", "deterministic", "deterministic algorithms, for bit-exact repeats"),
     ("--eval-test-every-epoch", "eval_test_every_epoch", "also report test metrics every epoch"),
+    ("--skip-nonfinite", "skip_nonfinite", "skip steps whose loss is NaN/inf instead of stopping"),
 )
 MODEL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--depth", "depth", "network depth: 6n+2 (plain blocks) or 9n+2 (bottleneck)"),
     ("--block", "block", "plain or bottleneck"),
     ("--width", "width", "width multiplier of the 16/32/64 channel stages"),
+)
+MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("--stem-pool", "stem_pool", "2x2 max-pool after the stem (4x cheaper stages)"),
 )
 DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--val-size", "val_size", "training images held out for validation"),
@@ -144,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(train, TrainConfig, TRAIN_FLAGS)
     _add_switches(train, TrainConfig, TRAIN_SWITCHES)
     _add_overrides(train, ModelConfig, MODEL_FLAGS)
+    _add_switches(train, ModelConfig, MODEL_SWITCHES)
     _add_overrides(train, DataConfig, DATA_FLAGS)
 
     ev = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix")
@@ -163,6 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="obtain, verify or describe a dataset")
     data.add_argument("action", choices=("fetch", "verify", "info"))
     _add_data_options(data)
+
+    pr = sub.add_parser("predict", help="classify image files (any size, colour, polarity)")
+    pr.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    pr.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
+    pr.add_argument("--top-k", type=int, default=3, help="classes to show (default: %(default)s)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pr.add_argument(
+        "--save-preprocessed",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the 28x28 images the model saw to DIR",
+    )
+
+    ex = sub.add_parser("export", help="ONNX or TorchScript file, checked against PyTorch")
+    ex.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    ex.add_argument(
+        "--out", type=Path, default=None, help="output file (default: beside the checkpoint)"
+    )
+    ex.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root with the test images for the parity check "
+        "(default: $MNIST_RESNET_DATA or ./data)",
+    )
+
+    sv = sub.add_parser("serve", help="HTTP API and draw-a-digit page")
+    sv.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    sv.add_argument(
+        "--threads", type=int, default=1, help="inference threads (default: %(default)s)"
+    )
     return parser
 
 
@@ -260,20 +300,75 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "data": cmd_data}
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mnist_resnet.predict import Predictor, format_results, predict_files
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    results = predict_files(
+        Predictor.from_checkpoint(args.checkpoint),
+        args.inputs,
+        k=args.top_k,
+        save_preprocessed=args.save_preprocessed,
+    )
+    print(format_results(results, as_json=args.json))
+    # Only inputs that cannot be read fail the command; a blank image is reported, not fatal.
+    return 1 if any(r.unreadable for r in results) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mnist_resnet.export import export
+
+    report = export(
+        args.checkpoint,
+        args.format,
+        out=args.out,
+        data_dir=Path(args.data_dir or default_data_dir()),
+    )
+    print("\n".join(report.lines()))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from mnist_resnet.serve import serve
+    except ImportError as e:
+        raise ConfigError(
+            f"serve needs the serve extra ({e.name} is missing): pip install 'mnist-resnet[serve]'"
+        ) from None
+    if not args.checkpoint.is_file():
+        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    serve(args.checkpoint, host=args.host, port=args.port, threads=args.threads)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "summary": cmd_summary,
+    "data": cmd_data,
+    "predict": cmd_predict,
+    "export": cmd_export,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mnist_resnet.checkpoint import CheckpointError
     from mnist_resnet.data import DataError
-    from mnist_resnet.train import TrainingError
+    from mnist_resnet.export import ExportError
+    from mnist_resnet.train import TrainingError, TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, ExportError) as e:
         print(f"mnist-resnet: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"mnist-resnet: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("mnist-resnet: interrupted", file=sys.stderr)
+        print("mnist-resnet: aborted", file=sys.stderr)
         return 130

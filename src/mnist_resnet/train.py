@@ -9,6 +9,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +43,12 @@ Log = Callable[[str], None]
 
 class TrainingError(Exception):
     """Training cannot continue (non-finite loss, unusable run directory, ...)."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    def __init__(self, value: float) -> None:
+        super().__init__(f"non-finite loss {value}")
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ def train_step(
     """One optimizer step on a normalised float batch; returns (loss, error rate), detached.
 
     The only place that applies autocast, the channels_last layout and the optimizer step.
+    Raises `NonFiniteLoss`, leaving weights and optimizer untouched, when the loss is NaN/inf.
     """
     images = runtime.prepare_input(images)
     labels = labels.to(runtime.device, non_blocking=True)
@@ -111,6 +123,9 @@ def train_step(
         logits = model(images)
     # The loss in fp32: bf16 log-softmax loses the small differences label smoothing makes.
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    # Checked before backward: a NaN step would poison the weights and the momentum buffers.
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(float(loss))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     if grad_clip > 0:
@@ -164,14 +179,103 @@ def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> st
     return f"{preset}-{cfg.dataset}-s{train_cfg.seed}-{stamp}"
 
 
+_CKPT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.pt")
+
+
+def checkpoint_name(epochs_done: int, step: int = 0) -> str:
+    """`epoch-003.pt` after 3 whole epochs; `epoch-003-step-00120.pt` 120 steps into the 4th."""
+    return (
+        f"epoch-{epochs_done:03d}.pt"
+        if step == 0
+        else f"epoch-{epochs_done:03d}-step-{step:05d}.pt"
+    )
+
+
+def _progress(path: Path) -> tuple[int, int]:
+    match = _CKPT_NAME.fullmatch(path.name)
+    if match is None:
+        return (-1, -1)
+    return int(match[1]), int(match[2] or 0)
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's epoch and mid-epoch checkpoints, oldest progress first."""
+    found = [p for p in (run_dir / "checkpoints").glob("epoch-*.pt") if _progress(p)[0] >= 0]
+    return sorted(found, key=_progress)
+
+
 def find_resume_checkpoint(target: Path) -> Path:
     """`target` is a checkpoint file or a run directory; return the newest loadable checkpoint."""
     if target.is_file():
         return target
-    found = latest_loadable(sorted((target / "checkpoints").glob("epoch-*.pt")))
+    if not target.is_dir():
+        raise TrainingError(f"--resume: {target} is neither a run directory nor a checkpoint")
+    found = latest_loadable(run_checkpoints(target))
     if found is None:
         raise TrainingError(f"no loadable checkpoint under {target}/checkpoints to resume from")
     return found[0]
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM: a checkpoint was written; the message says how to resume."""
+
+
+class _StopRequests:
+    """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self, log: Log) -> None:
+        self.requested = False
+        self.log = log
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        # Signal handlers can only be installed from the main thread (tests call train() from
+        # worker threads too); elsewhere Ctrl-C keeps its default behaviour.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
+
+
+@dataclass
+class _EpochProgress:
+    """What a mid-epoch checkpoint needs to continue an epoch bit for bit."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    err_sum: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+    augment_rng: torch.Tensor | None = None
+
+
+def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
+    """Fail before training, not after an hour, when the run directory cannot hold the run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TrainingError(
+            f"cannot write to run directory {run_dir}: {e.strerror or e}; choose another --runs-dir"
+        ) from e
+    free = shutil.disk_usage(run_dir).free
+    needed = checkpoint_bytes * copies + (16 << 20)
+    if free < needed:
+        raise TrainingError(
+            f"only {free >> 20} MB free under {run_dir}; this run needs about {needed >> 20} MB "
+            "for its checkpoints. Free some space or choose another --runs-dir"
+        )
 
 
 class _Trainer:
@@ -206,9 +310,15 @@ class _Trainer:
         self.optimizer = make_optimizer(self.model, train_cfg)
         self.scheduler = make_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
         self.forward: nn.Module = torch.compile(self.model) if train_cfg.compile else self.model  # type: ignore[assignment]
+        if train_cfg.save_model:
+            # Weights plus SGD momentum, in fp32: the bulk of a checkpoint's size.
+            size = 2 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
+            check_run_dir(run_dir, size, train_cfg.keep_last + 3)
         self.start_epoch = 0
+        self.progress = _EpochProgress()
         self.best_epoch, self.best_val_error = 0, math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.stop = _StopRequests(log)
         if resume_state is not None:
             self._restore(resume_state)
 
@@ -222,17 +332,24 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = int(state["epoch"])
+        partial = state.get("partial_epoch")
+        if partial:
+            self.progress = _EpochProgress(**partial)
         best = state.get("best", {})
         self.best_epoch = int(best.get("epoch", 0))
         self.best_val_error = float(best.get("val_error", math.inf))
         best_path = self.run_dir / "best.pt"
-        if best_path.exists():
+        if best_path.exists() and self.best_epoch:
             self.best_state = load_checkpoint(best_path)["model"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_random_state(rng["python"]))
         self._truncate_metrics(self.start_epoch)
-        self.log(f"resumed from epoch {self.start_epoch} of {self.cfg.epochs}")
+        # Temp files of writes that a kill interrupted: never loaded, just clutter.
+        for stale in self.run_dir.glob("**/.*.tmp"):
+            stale.unlink(missing_ok=True)
+        where = f", step {self.progress.step}" if self.progress.step else ""
+        self.log(f"resumed after epoch {self.start_epoch}{where} of {self.cfg.epochs}")
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         # A run killed after writing metrics but before its checkpoint would duplicate rows.
@@ -244,6 +361,9 @@ class _Trainer:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def _state(self, epoch: int) -> dict[str, Any]:
+        partial = None
+        if self.progress.step:
+            partial = dict(vars(self.progress))
         return {
             "config": {
                 "preset": self.preset,
@@ -255,12 +375,21 @@ class _Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
+            "partial_epoch": partial,
             "data_hashes": self.data.hashes,
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
+
+    def _save(self, epochs_done: int) -> None:
+        """Write the newest checkpoint, check it loads, then prune the oldest beyond K."""
+        path = self.run_dir / "checkpoints" / checkpoint_name(epochs_done, self.progress.step)
+        save_checkpoint(path, self._state(epochs_done))
+        load_checkpoint(path)  # never prune the older ones for a file that does not load back
+        for old in run_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
 
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
         if self.cfg.dry_run:
@@ -278,61 +407,91 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         from tqdm import tqdm
 
-        cfg, d = self.cfg, self.data
+        cfg, d, p = self.cfg, self.data, self.progress
         self.forward.train()
         indices = data.epoch_indices(len(d.train_x), epoch=epoch, seed=cfg.seed)
+        # A resumed epoch skips the batches it already trained on, and continues the same
+        # augmentation stream, so the result is the same as if it had never stopped.
+        indices = indices[p.step * cfg.batch_size :]
         batches = data.batches(d.train_x, d.train_y, indices, cfg.batch_size, drop_last=True)
         augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        loss_sum = torch.zeros(())
-        err_sum = torch.zeros(())
-        seen = 0
-        start = time.perf_counter()
+        if p.augment_rng is not None:
+            augment_rng.set_state(p.augment_rng)
+        start = time.perf_counter() - p.seconds
         bar = tqdm(
             total=self.steps_per_epoch,
+            initial=p.step,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
             disable=None,
             unit="batch",
         )
-        for step, (images_u8, labels) in enumerate(batches):
-            if step >= self.steps_per_epoch:
+        for images_u8, labels in batches:
+            if p.step >= self.steps_per_epoch:
                 break
             if self.data_cfg.augment:
                 # On uint8, before normalising: the zero fill is then exactly the background.
                 images_u8 = data.augment_batch(images_u8, augment_rng, self.data_cfg.max_shift)
             images = data.to_float(images_u8, d.mean, d.std)
-            loss, err = train_step(
-                self.forward,
-                images,
-                labels,
-                self.optimizer,
-                self.runtime,
-                label_smoothing=cfg.label_smoothing,
-                grad_clip=cfg.grad_clip,
-            )
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower "
-                    f"--lr or set --grad-clip (the last good checkpoint is kept in {self.run_dir})"
+            try:
+                loss, err = train_step(
+                    self.forward,
+                    images,
+                    labels,
+                    self.optimizer,
+                    self.runtime,
+                    label_smoothing=cfg.label_smoothing,
+                    grad_clip=cfg.grad_clip,
                 )
+            except NonFiniteLoss as e:
+                if not cfg.skip_nonfinite:
+                    raise TrainingError(
+                        f"loss became {e.value} at epoch {epoch + 1}, step {p.step + 1}; lower "
+                        "--lr, set --grad-clip, or pass --skip-nonfinite (checkpoints in "
+                        f"{self.run_dir} hold the last good weights)"
+                    ) from None
+                self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
+                loss, err = torch.zeros(()), torch.ones(())
             self.scheduler.step()
-            loss_sum += loss.cpu() * len(labels)
-            err_sum += err.cpu() * len(labels)
-            seen += len(labels)
-            if step % cfg.log_interval == 0:
-                rate = seen / max(1e-9, time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:,.0f}")
+            p.step += 1
+            p.loss_sum += float(loss) * len(labels)
+            p.err_sum += float(err) * len(labels)
+            p.seen += len(labels)
+            if p.step % cfg.log_interval == 0:
+                rate = p.seen / max(1e-9, time.perf_counter() - start)
+                bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:,.0f}")
             bar.update()
+            periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
+            if (self.stop.requested or periodic) and p.step < self.steps_per_epoch:
+                p.seconds = time.perf_counter() - start
+                p.augment_rng = augment_rng.get_state()
+                if cfg.save_model:
+                    self._save(epoch)
+                if self.stop.requested:
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
+                        f"Continue with: mnist-resnet train --resume {self.run_dir}"
+                        if cfg.save_model
+                        else f"stopped at epoch {epoch + 1}, step {p.step} (--no-save-model: "
+                        "nothing saved)"
+                    )
         bar.close()
         seconds = time.perf_counter() - start
-        return {
-            "train_loss": float(loss_sum) / max(1, seen),
-            "train_error": float(err_sum) / max(1, seen),
-            "images_per_second": seen / max(1e-9, seconds),
+        row = {
+            "train_loss": p.loss_sum / max(1, p.seen),
+            "train_error": p.err_sum / max(1, p.seen),
+            "images_per_second": p.seen / max(1e-9, seconds),
             "train_seconds": seconds,
         }
+        self.progress = _EpochProgress()
+        return row
 
     def run(self) -> TrainResult:
+        with self.stop:
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(
@@ -368,6 +527,11 @@ class _Trainer:
                     k: v.detach().clone() for k, v in self.model.state_dict().items()
                 }
             self._end_epoch(epoch + 1, row, improved, writer)
+            if self.stop.requested:
+                raise TrainingInterrupted(
+                    f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with: "
+                    f"mnist-resnet train --resume {self.run_dir}"
+                )
             if cfg.patience and epoch + 1 - self.best_epoch >= cfg.patience:
                 self.log(f"early stop: validation error has not improved for {cfg.patience} epochs")
                 break
@@ -390,14 +554,10 @@ class _Trainer:
         )
         if not self.cfg.save_model:
             return
-        state = self._state(epoch)
-        ckpt_dir = self.run_dir / "checkpoints"
-        save_checkpoint(ckpt_dir / f"epoch-{epoch:03d}.pt", state)
+        self._save(epoch)
         if improved:
-            save_checkpoint(self.run_dir / "best.pt", state)
-        # Keep the newest K epoch checkpoints; best.pt is a separate file and always survives.
-        for old in sorted(ckpt_dir.glob("epoch-*.pt"))[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+            # best.pt is a separate file from the pruned epoch checkpoints: it always survives.
+            save_checkpoint(self.run_dir / "best.pt", self._state(epoch))
 
     def _finish(self, epochs_run: int, seconds: float) -> TrainResult:
         if self.best_state is not None:

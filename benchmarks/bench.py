@@ -1,0 +1,287 @@
+"""Speed benchmark: time-to-accuracy, throughput, memory and FLOP utilisation, side by side.
+
+Runs our `fast` and default recipes and the pytorch/examples recipe (`baseline` preset: its CNN,
+Adadelta lr 1.0, StepLR 0.7, batch 64) through the same harness in one invocation, so ratios are
+measured under the same machine noise. Prints a table and writes benchmarks/results.json.
+
+    make bench                       # everything (about 20 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench.py --quick   # one seed, short windows (a smoke run)
+
+Training runs are separate processes (`python -m mnist_resnet train ...`), so wall time includes
+interpreter start, imports, data load from the cache and the final test evaluation, and peak
+memory is the child's own max RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnist_resnet.config import ModelConfig, TrainConfig
+from mnist_resnet.model import build_model, flops_per_image
+from mnist_resnet.runtime import Runtime, available_cpus
+from mnist_resnet.train import make_optimizer, train_step
+
+HERE = Path(__file__).resolve().parent
+THRESHOLDS = (0.990, 0.993, 0.995)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    return {
+        "cpu": cpu,
+        "isa": isa,
+        "cores": available_cpus(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def _timed(fn: Callable[[], object], seconds: float, repeats: int) -> list[float]:
+    """Calls of `fn` per second in `repeats` windows of `seconds` each (after one warm-up)."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            fn()
+            calls += 1
+        rates.append(calls / (time.perf_counter() - start))
+    return rates
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float, repeats: int) -> float:
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    out = torch.empty(2048, 2048, dtype=dtype)
+    rates = _timed(lambda: torch.mm(a, b, out=out), seconds, repeats)
+    return statistics.median(rates) * 2 * 2048**3
+
+
+def throughput(
+    preset_model: ModelConfig, *, amp: bool, channels_last: bool, compile: bool, args: Any
+) -> dict[str, float]:
+    """Median training and evaluation images/s of one model on random 28x28 batches."""
+    dtype = torch.bfloat16 if amp else None
+    runtime = Runtime(torch.device("cpu"), dtype, channels_last)
+    model = runtime.prepare_model(build_model(preset_model))
+    flops = flops_per_image(model)
+    forward: torch.nn.Module = model
+    compile_s = 0.0
+    if compile:
+        forward = torch.compile(model)  # type: ignore[assignment]
+    optimizer = make_optimizer(model, TrainConfig())
+    x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))
+    if compile:
+        start = time.perf_counter()
+        train_step(forward, x, y, optimizer, runtime)
+        compile_s = time.perf_counter() - start
+    train_rates = _timed(
+        lambda: train_step(forward, x, y, optimizer, runtime),
+        args.window,
+        args.repeats,
+    )
+    xe = torch.randn(1000, 1, 28, 28)
+
+    def infer() -> None:
+        with torch.no_grad(), runtime.autocast():
+            forward(runtime.prepare_input(xe))
+
+    forward.eval()
+    eval_rates = _timed(infer, args.window, args.repeats)
+    forward.train()
+    train_ips = statistics.median(train_rates) * args.batch
+    return {
+        "train_images_per_s": train_ips,
+        "train_images_per_s_min": min(train_rates) * args.batch,
+        "train_images_per_s_max": max(train_rates) * args.batch,
+        "eval_images_per_s": statistics.median(eval_rates) * 1000,
+        # Training costs ~3x the forward FLOPs (forward, input gradients, weight gradients).
+        "train_flops_per_s": 3 * flops * train_ips,
+        "forward_flops_per_image": flops,
+        "compile_seconds": compile_s,
+    }
+
+
+def run_training(argv: list[str], data_dir: str, runs_dir: Path, name: str) -> dict[str, Any]:
+    """One `mnist-resnet train` in a child process: wall time, peak RSS, per-epoch metrics."""
+    cmd = [sys.executable, "-m", "mnist_resnet", "train", *argv]
+    cmd += ["--data-dir", data_dir, "--runs-dir", str(runs_dir), "--name", name]
+    cmd += ["--eval-test-every-epoch", "--no-save-model"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    output = proc.stdout.read() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n{output}")
+    run = runs_dir / name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((run / "result.json").read_text())
+    elapsed, reached = 0.0, {}
+    for row in rows:
+        elapsed += row["train_seconds"]
+        for t in THRESHOLDS:
+            if 1 - row["test_error"] >= t and str(t) not in reached:
+                reached[str(t)] = elapsed
+    return {
+        "wall_seconds": wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "final_test_accuracy": result["test_accuracy"],
+        "epoch_test_accuracy": [1 - r["test_error"] for r in rows],
+        "train_seconds_to": reached,
+        "images_per_second": statistics.median(r["images_per_second"] for r in rows),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float] | None:
+        if len(values) < len(runs):  # not every seed reached it: no honest median
+            return None
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    return {
+        "wall_seconds": stats([r["wall_seconds"] for r in runs]),
+        "final_test_accuracy": stats([r["final_test_accuracy"] for r in runs]),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "train_seconds_to": {
+            str(t): stats(
+                [r["train_seconds_to"][str(t)] for r in runs if str(t) in r["train_seconds_to"]]
+            )
+            for t in THRESHOLDS
+        },
+    }
+
+
+RECIPES = {
+    "fast": ["--preset", "fast"],
+    "default": [],
+    "pytorch-examples": ["--preset", "baseline", "--epochs", "3"],
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_RESNET_DATA", "data"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--batch", type=int, default=128, help="throughput batch size")
+    parser.add_argument("--window", type=float, default=3.0, help="seconds per timing window")
+    parser.add_argument("--repeats", type=int, default=3, help="timing windows per figure")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 1 s windows, no compile")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.window, args.repeats, args.no_compile = 1, 1.0, 1, True
+    torch.set_num_threads(available_cpus())
+    info = machine()
+    print(f"machine: {info}")
+    peaks = {
+        "fp32": matmul_peak(torch.float32, args.window, args.repeats),
+        "bf16": matmul_peak(torch.bfloat16, args.window, args.repeats),
+    }
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f}")
+
+    resnet20 = ModelConfig(depth=20)
+    variants = {
+        "fp32": dict(amp=False, channels_last=False, compile=False),
+        "fp32+channels_last": dict(amp=False, channels_last=True, compile=False),
+        "bf16": dict(amp=True, channels_last=False, compile=False),
+        "bf16+channels_last": dict(amp=True, channels_last=True, compile=False),
+    }
+    if not args.no_compile:
+        variants["fp32+channels_last+compile"] = dict(amp=False, channels_last=True, compile=True)
+    speed = {}
+    for name, kw in variants.items():
+        speed[name] = throughput(resnet20, args=args, **kw)
+        peak = peaks["bf16" if kw["amp"] else "fp32"]
+        speed[name]["flop_utilization"] = speed[name]["train_flops_per_s"] / peak
+        s = speed[name]
+        print(
+            f"resnet20 {name:<28} train {s['train_images_per_s']:7.0f} img/s "
+            f"(min {s['train_images_per_s_min']:.0f}, max {s['train_images_per_s_max']:.0f}), "
+            f"eval {s['eval_images_per_s']:7.0f} img/s, "
+            f"MFU {100 * s['flop_utilization']:.0f}%"
+            + (f", compile {s['compile_seconds']:.0f} s" if s["compile_seconds"] else "")
+        )
+
+    recipes: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for recipe in args.recipes:
+            runs = []
+            for seed in range(1, args.seeds + 1):
+                name = f"{recipe}-s{seed}"
+                run = run_training(
+                    [*RECIPES[recipe], "--seed", str(seed)], args.data_dir, Path(tmp), name
+                )
+                runs.append(run)
+                print(
+                    f"{name}: test {run['final_test_accuracy']:.2%}, "
+                    f"wall {run['wall_seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB"
+                )
+            recipes[recipe] = {"argv": RECIPES[recipe], "runs": runs, **summarize(runs)}
+
+    report = {"machine": info, "matmul_peak_flops": peaks, "throughput_resnet20": speed}
+    report["recipes"] = recipes
+    base = recipes.get("pytorch-examples", {}).get("train_seconds_to", {}).get("0.99")
+    fast = recipes.get("fast", {}).get("train_seconds_to", {}).get("0.995")
+    if base and fast:
+        report["fast_to_99.5_over_examples_to_99.0"] = fast["median"] / base["median"]
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def print_table(report: dict[str, Any]) -> None:
+    def fmt(s: dict[str, float] | None, unit: str = "s") -> str:
+        if s is None:
+            return "not reached"
+        if unit == "%":
+            return f"{100 * s['median']:.2f}% ({100 * s['min']:.2f}–{100 * s['max']:.2f})"
+        return f"{s['median']:.1f} s ({s['min']:.1f}–{s['max']:.1f})"
+
+    print()
+    print(
+        "| recipe | test accuracy | wall time | train s to 99.0% | to 99.3% | to 99.5% | peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in report["recipes"].items():
+        to = r["train_seconds_to"]
+        print(
+            f"| {name} | {fmt(r['final_test_accuracy'], '%')} | {fmt(r['wall_seconds'])} | "
+            f"{fmt(to['0.99'])} | {fmt(to['0.993'])} | {fmt(to['0.995'])} | "
+            f"{r['peak_rss_mb']:.0f} MB |"
+        )
+    ratio = report.get("fast_to_99.5_over_examples_to_99.0")
+    if ratio:
+        print(f"\nfast time-to-99.5% / pytorch-examples time-to-99.0%: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
