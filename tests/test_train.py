@@ -112,3 +112,17 @@ def test_killed_run_resumes_to_identical_metrics(mnist_root: Path, tmp_path: Pat
     assert [{k: v for k, v in json.loads(r).items() if k not in strip} for r in rows] == [
         {k: v for k, v in json.loads(r).items() if k not in strip} for r in full_rows
     ]
+
+
+def test_resume_picks_the_newest_progress_not_the_last_name(tmp_path: Path) -> None:
+    from mnist_resnet.checkpoint import save_checkpoint
+    from mnist_resnet.train import checkpoint_name, find_resume_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for epochs_done, step in [(0, 5), (1, 0), (1, 5)]:
+        state = {"config": {}, "model": {"w": torch.zeros(1)}, "epoch": epochs_done}
+        save_checkpoint(ckpts / checkpoint_name(epochs_done, step), state)
+    # By name "epoch-001.pt" sorts after "epoch-001-step-00005.pt"; by progress it is older.
+    assert find_resume_checkpoint(tmp_path).name == "epoch-001-step-00005.pt"
+    (ckpts / "epoch-001-step-00005.pt").write_bytes(b"torn")
+    assert find_resume_checkpoint(tmp_path).name == "epoch-001.pt"

@@ -54,6 +54,7 @@ TRAIN_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--deterministic", "deterministic", "deterministic algorithms, for bit-exact repeats"),
     ("--eval-test-every-epoch", "eval_test_every_epoch", "also report test metrics every epoch"),
     ("--skip-nonfinite", "skip_nonfinite", "skip steps whose loss is NaN/inf instead of stopping"),
+    ("--sync-bn", "sync_bn", "with several processes: BatchNorm over the global batch (CUDA)"),
 )
 MODEL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--depth", "depth", "network depth: 6n+2 (plain blocks) or 9n+2 (bottleneck)"),
@@ -141,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--no-accel", action="store_true", help="use the CPU even when a GPU is available"
     )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train with N processes on this machine (launches torchrun); --batch-size is per "
+        "process, so the global batch and the SGD learning rate grow N times",
+    )
     train.add_argument("--no-augment", action="store_true", help="disable random translation")
     train.add_argument(
         "--no-shortcut", action="store_true", help="remove the skip connections (plain net)"
@@ -203,7 +212,76 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--threads", type=int, default=1, help="inference threads (default: %(default)s)"
     )
+    xp = sub.add_parser("experiment", help="reproduce a figure of the ResNet paper")
+    xp.add_argument(
+        "study",
+        choices=("degradation",),
+        help="degradation: plain vs residual nets of each depth (He et al. 2015, Fig. 6)",
+    )
+    _add_experiment_options(xp)
     return parser
+
+
+def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
+    from mnist_resnet.experiments import DegradationConfig
+
+    d = DegradationConfig()
+    parser.add_argument(
+        "--dataset", choices=DATASET_NAMES, default=d.dataset, help="dataset (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        default=list(d.depths),
+        metavar="DEPTH",
+        help="depths 6n+2 to compare (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=d.epochs, help="epochs per net (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=d.seeds, help="seeds 1..K per net (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=d.train_images,
+        help="training images used (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-images",
+        type=int,
+        default=d.val_images,
+        help="validation images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--test-images",
+        type=int,
+        default=d.test_images,
+        help="test images, 0 for all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=d.lr,
+        help="peak learning rate, the same for every net (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="batch size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
+    )
+    parser.add_argument(
+        "--runs-dir", default=TrainConfig().runs_dir, help="parent folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--name", default="", help="experiment folder name (default: degradation-<dataset>)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: one per available core)"
+    )
 
 
 def _overrides(args: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
@@ -245,12 +323,34 @@ def _resume_path(value: str, runs_dir: str) -> Path:
     return runs[-1].parent
 
 
+def _launch_processes(args: argparse.Namespace, train_cfg: TrainConfig) -> int:
+    """`train --nproc N`: the same command under torchrun with N processes on this machine."""
+    from mnist_resnet import distributed
+
+    if distributed.env_from_os().world_size > 1:
+        raise ConfigError("--nproc launches torchrun itself; leave it out when using torchrun")
+    rest = distributed.strip_option(args.argv, "--nproc")
+    if build_parser().parse_args(rest).nproc is not None:
+        raise ConfigError("write the option in full: --nproc N")
+    return distributed.launch(args.nproc, rest, threads=train_cfg.threads)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from mnist_resnet.distributed import is_main_process
     from mnist_resnet.train import train
 
     model_cfg, train_cfg, data_cfg = train_configs(args)
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1:
+        # A bad flag ends here, in one line, before N processes start.
+        for cfg in (model_cfg, train_cfg, data_cfg):
+            cfg.validate()
+        return _launch_processes(args, train_cfg)
     resume = _resume_path(args.resume, train_cfg.runs_dir) if args.resume else None
     result = train(model_cfg, train_cfg, data_cfg, preset=args.preset, resume=resume)
+    if not is_main_process():
+        return 0
     print(
         f"selected epoch {result.best_epoch} of {result.epochs_run}; run directory {result.run_dir}"
     )
@@ -343,6 +443,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from mnist_resnet.experiments import DegradationConfig
+    from mnist_resnet.experiments.degradation import run
+
+    cfg = DegradationConfig(
+        dataset=args.dataset,
+        depths=tuple(args.depths),
+        epochs=args.epochs,
+        seeds=args.seeds,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        test_images=args.test_images,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+    result = run(
+        cfg,
+        data_dir=args.data_dir or default_data_dir(),
+        runs_dir=args.runs_dir,
+        name=args.name,
+        threads=args.threads,
+    )
+    print(f"table: {result.exp_dir / 'degradation.md'}")
+    print(f"figures: {result.exp_dir / 'degradation.png'}, {result.exp_dir / 'grad-norms.png'}")
+    print(
+        f"{len(result.trained)} runs trained, {len(result.reused)} reused, "
+        f"{result.seconds:.0f} s in all"
+    )
+    deepest = max(cfg.depths)
+    errors = {r["kind"]: r["train_error"]["mean"] for r in result.rows if r["depth"] == deepest}
+    print(
+        f"residual-{deepest} train error: {errors['residual']:.2%}, "
+        f"plain-{deepest} train error: {errors['plain']:.2%}"
+    )
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -351,23 +488,30 @@ COMMANDS = {
     "predict": cmd_predict,
     "export": cmd_export,
     "serve": cmd_serve,
+    "experiment": cmd_experiment,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `train --nproc` hands the command line on to torchrun
     from mnist_resnet.checkpoint import CheckpointError
     from mnist_resnet.data import DataError
+    from mnist_resnet.distributed import is_main_process
     from mnist_resnet.export import ExportError
     from mnist_resnet.train import TrainingError, TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, ExportError) as e:
-        print(f"mnist-resnet: error: {e}", file=sys.stderr)
+        # Under torchrun every rank meets the same error; rank 0 says it once.
+        if is_main_process():
+            print(f"mnist-resnet: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"mnist-resnet: {e}", file=sys.stderr)
+        if is_main_process():
+            print(f"mnist-resnet: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("mnist-resnet: aborted", file=sys.stderr)

@@ -120,6 +120,9 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
+    # Several processes (torchrun): batch statistics over the global batch instead of each
+    # rank's share. PyTorch's SyncBatchNorm runs on GPUs only.
+    sync_bn: bool = False
     deterministic: bool = False
     threads: int = 0  # 0 = one per physical core
     # Stop when validation error has not improved for this many epochs (0 = never).

@@ -89,6 +89,52 @@ def evaluate(
     )
 
 
+def evaluate_shard(
+    model: nn.Module,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mean: float,
+    std: float,
+    runtime: Runtime,
+    num_classes: int,
+    batch_size: int = 1000,
+) -> EvalResult:
+    """Metrics of a split shared out between ranks, reduced across them.
+
+    Rank r evaluates images r, r+W, r+2W, ... ; the loss sum and the confusion matrix are
+    summed over all ranks, so loss, accuracy and confusion describe the whole split on every
+    rank. `predictions` and `probabilities` are this rank's shard only. One process: the whole
+    split, with the loss summed in float64 (it can differ from `evaluate` in the last digits).
+    """
+    from mnist_resnet.distributed import all_reduce_sum, current
+
+    env = current()
+    shard_x, shard_y = images_u8[env.rank :: env.world_size], labels[env.rank :: env.world_size]
+    logits = predict_logits(
+        model, shard_x, mean=mean, std=std, runtime=runtime, batch_size=batch_size
+    )
+    if not len(shard_x):
+        logits = torch.empty(0, num_classes)
+    shard_y = shard_y.long()
+    predictions = logits.argmax(dim=1)
+    confusion = torch.bincount(
+        shard_y * num_classes + predictions, minlength=num_classes * num_classes
+    )
+    loss_sum = F.cross_entropy(logits.double(), shard_y, reduction="sum").reshape(1)
+    # One collective for both: float64 holds counts exactly up to 2^53.
+    totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum]))
+    confusion = totals[:-1].round().long().reshape(num_classes, num_classes)
+    count = max(1, int(confusion.sum()))
+    return EvalResult(
+        loss=float(totals[-1]) / count,
+        accuracy=float(confusion.diagonal().sum()) / count,
+        confusion=confusion,
+        predictions=predictions,
+        probabilities=logits.softmax(dim=1),
+    )
+
+
 def format_report(result: EvalResult, class_names: Sequence[str]) -> str:
     """Per-class accuracy and the confusion matrix as aligned text."""
     width = max(5, *(len(n) for n in class_names))

@@ -6,6 +6,7 @@ saved with every checkpoint, so a resumed run continues exactly where the killed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_resnet import data, plots
+from mnist_resnet import data, distributed, plots
 from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, save_checkpoint
 from mnist_resnet.config import (
     ConfigError,
@@ -34,7 +35,7 @@ from mnist_resnet.config import (
     from_dict,
     to_dict,
 )
-from mnist_resnet.evaluate import EvalResult, evaluate
+from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.model import build_model, describe
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
 
@@ -59,6 +60,8 @@ class TrainResult:
     test: EvalResult
     epochs_run: int
     seconds: float
+    # The plain module (never a DDP or compiled wrapper) holding the selected weights.
+    model: nn.Module | None = None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -71,11 +74,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def peak_lr(cfg: TrainConfig, world_size: int = 1) -> float:
+    """`--lr` times the number of processes for SGD: the global batch is `batch_size` x world
+    size, and the linear scaling rule (Goyal et al. 2017, with the warmup we already use) keeps
+    the step per image unchanged. Adadelta adapts its own step size and is left alone."""
+    return cfg.lr * world_size if cfg.optimizer == "sgd" else cfg.lr
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, world_size: int = 1
+) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    lr = peak_lr(cfg, world_size)
     if cfg.optimizer == "adadelta":
-        return torch.optim.Adadelta(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.Adadelta(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -125,7 +138,7 @@ def train_step(
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     # Checked before backward: a NaN step would poison the weights and the momentum buffers.
     if not torch.isfinite(loss):
-        raise NonFiniteLoss(float(loss))
+        raise NonFiniteLoss(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     if grad_clip > 0:
@@ -293,27 +306,50 @@ class _Trainer:
         resume_state: dict[str, Any] | None,
     ) -> None:
         self.model_cfg, self.cfg, self.data_cfg = model_cfg, train_cfg, data_cfg
-        self.preset, self.run_dir, self.log = preset, run_dir, log
-        self.threads = configure_threads(train_cfg.threads)
+        # Under torchrun only rank 0 prints and writes files; every rank trains and evaluates.
+        self.dist = distributed.current()
+        self.preset, self.run_dir = preset, run_dir
+        self.log = log if self.dist.is_main else _quiet
+        self.threads = configure_threads(train_cfg.threads, self.dist.local_world_size)
         seed_everything(train_cfg.seed, train_cfg.deterministic)
-        self.runtime = make_runtime(
+        runtime = make_runtime(
             accel=train_cfg.accel, amp=train_cfg.amp, channels_last=train_cfg.channels_last
         )
-        self.data = prepare_data(data_cfg, log=log)
-        n_train = len(self.data.train_x)
-        if train_cfg.batch_size > n_train:
+        self.runtime = dataclasses.replace(
+            runtime, device=distributed.device_for(runtime.device, self.dist)
+        )
+        sync_bn = train_cfg.sync_bn and self.dist.enabled
+        if sync_bn and self.runtime.device.type != "cuda":
             raise ConfigError(
-                f"--batch-size {train_cfg.batch_size} is larger than the {n_train} training images"
+                "--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm does not run on the CPU; "
+                "drop --sync-bn (each rank then normalises over its own share of the batch)"
             )
-        self.steps_per_epoch = 1 if train_cfg.dry_run else n_train // train_cfg.batch_size
-        self.model = self.runtime.prepare_model(build_model(model_cfg))
-        self.optimizer = make_optimizer(self.model, train_cfg)
+        # Rank 0 fetches and verifies the files first; the others then read the same cache.
+        self.data = distributed.main_first(lambda: prepare_data(data_cfg, log=self.log))
+        n_train = len(self.data.train_x)
+        world = self.dist.world_size
+        if train_cfg.batch_size * world > n_train:
+            raise ConfigError(
+                f"--batch-size {train_cfg.batch_size} x {world} processes is larger than the "
+                f"{n_train} training images"
+            )
+        # --batch-size is per process: every step trains on batch_size x world_size images.
+        self.steps_per_epoch = 1 if train_cfg.dry_run else n_train // (train_cfg.batch_size * world)
+        model = build_model(model_cfg)
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
+        self.model = self.runtime.prepare_model(model)
+        self.optimizer = make_optimizer(self.model, train_cfg, world)
         self.scheduler = make_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
-        self.forward: nn.Module = torch.compile(self.model) if train_cfg.compile else self.model  # type: ignore[assignment]
+        # The optimizer and the checkpoints hold the plain module; only the forward is wrapped.
+        wrapped = distributed.wrap(self.model, self.dist, self.runtime.device)
+        self.forward: nn.Module = torch.compile(wrapped) if train_cfg.compile else wrapped  # type: ignore[assignment]
+        # Evaluation shards the split itself: DDP's forward would sync buffers on every batch.
+        self.eval_forward = self.model if self.dist.enabled else self.forward
         if train_cfg.save_model:
             # Weights plus SGD momentum, in fp32: the bulk of a checkpoint's size.
             size = 2 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
-            check_run_dir(run_dir, size, train_cfg.keep_last + 3)
+            distributed.main_only(lambda: check_run_dir(run_dir, size, train_cfg.keep_last + 3))
         self.start_epoch = 0
         self.progress = _EpochProgress()
         self.best_epoch, self.best_val_error = 0, math.inf
@@ -328,28 +364,60 @@ class _Trainer:
                 "the checkpoint was trained on different data files than the ones found now "
                 f"under {self.data_cfg.data_dir}; refusing to resume"
             )
+        self.start_epoch = int(state["epoch"])
+        partial = state.get("partial_epoch")
+        saved_world = int(state.get("world_size", 1))
+        world = self.dist.world_size
+        if partial and saved_world != world:
+            raise TrainingError(
+                f"this checkpoint stopped in the middle of epoch {self.start_epoch + 1} with "
+                f"{saved_world} process(es); resume it with {saved_world}, or resume from a "
+                f"whole-epoch checkpoint ({self.run_dir}/checkpoints/"
+                f"{checkpoint_name(self.start_epoch)}) to change the number of processes"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch = int(state["epoch"])
-        partial = state.get("partial_epoch")
+        if saved_world != world:
+            self._rescale_schedule(self.start_epoch)
         if partial:
-            self.progress = _EpochProgress(**partial)
+            # Each rank continues its own shard and its own augmentation stream.
+            per_rank = state.get("partial_epoch_ranks") or [partial]
+            self.progress = _EpochProgress(**per_rank[self.dist.rank])
         best = state.get("best", {})
         self.best_epoch = int(best.get("epoch", 0))
         self.best_val_error = float(best.get("val_error", math.inf))
         best_path = self.run_dir / "best.pt"
-        if best_path.exists() and self.best_epoch:
+        # Rank 0 reads the files; `_finish` hands its selected weights to the other ranks.
+        if self.dist.is_main and best_path.exists() and self.best_epoch:
             self.best_state = load_checkpoint(best_path)["model"]
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_to_random_state(rng["python"]))
-        self._truncate_metrics(self.start_epoch)
-        # Temp files of writes that a kill interrupted: never loaded, just clutter.
-        for stale in self.run_dir.glob("**/.*.tmp"):
-            stale.unlink(missing_ok=True)
+        if self.dist.is_main:
+            self._truncate_metrics(self.start_epoch)
+            # Temp files of writes that a kill interrupted: never loaded, just clutter.
+            for stale in self.run_dir.glob("**/.*.tmp"):
+                stale.unlink(missing_ok=True)
         where = f", step {self.progress.step}" if self.progress.step else ""
-        self.log(f"resumed after epoch {self.start_epoch}{where} of {self.cfg.epochs}")
+        procs = (
+            f" with {world} processes (saved with {saved_world})" if saved_world != world else ""
+        )
+        self.log(f"resumed after epoch {self.start_epoch}{where} of {self.cfg.epochs}{procs}")
+
+    def _rescale_schedule(self, epochs_done: int) -> None:
+        """Another world size means another global batch and steps per epoch: put the per-step
+        schedule at the start of epoch `epochs_done + 1` and re-apply the scaled peak lr."""
+        peak = peak_lr(self.cfg, self.dist.world_size)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = peak
+        self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
+        step = epochs_done * self.steps_per_epoch
+        self.scheduler.last_epoch = step
+        factor = lr_factor(step, cfg=self.cfg, steps_per_epoch=self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = peak * factor
+        self.scheduler._last_lr = [peak * factor for _ in self.optimizer.param_groups]
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         # A run killed after writing metrics but before its checkpoint would duplicate rows.
@@ -376,6 +444,7 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
             "partial_epoch": partial,
+            "world_size": self.dist.world_size,
             "data_hashes": self.data.hashes,
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
@@ -384,9 +453,20 @@ class _Trainer:
         }
 
     def _save(self, epochs_done: int) -> None:
-        """Write the newest checkpoint, check it loads, then prune the oldest beyond K."""
+        """Write the newest checkpoint, check it loads, then prune the oldest beyond K.
+
+        Called on every rank; rank 0 writes. Mid-epoch, it gathers each rank's progress.
+        """
+        ranks = None
+        if self.progress.step and self.dist.enabled:
+            ranks = distributed.gather_objects(dict(vars(self.progress)))
+        if not self.dist.is_main:
+            return
         path = self.run_dir / "checkpoints" / checkpoint_name(epochs_done, self.progress.step)
-        save_checkpoint(path, self._state(epochs_done))
+        state = self._state(epochs_done)
+        if ranks is not None:
+            state["partial_epoch_ranks"] = ranks
+        save_checkpoint(path, state)
         load_checkpoint(path)  # never prune the older ones for a file that does not load back
         for old in run_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
@@ -394,8 +474,19 @@ class _Trainer:
     def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
+        if self.dist.enabled:
+            return evaluate_shard(
+                self.eval_forward,
+                x,
+                y,
+                mean=self.data.mean,
+                std=self.data.std,
+                runtime=self.runtime,
+                num_classes=len(self.data.class_names),
+                batch_size=self.cfg.test_batch_size,
+            )
         return evaluate(
-            self.forward,
+            self.eval_forward,
             x,
             y,
             mean=self.data.mean,
@@ -409,12 +500,17 @@ class _Trainer:
 
         cfg, d, p = self.cfg, self.data, self.progress
         self.forward.train()
-        indices = data.epoch_indices(len(d.train_x), epoch=epoch, seed=cfg.seed)
+        rank, world = self.dist.rank, self.dist.world_size
+        # Every rank draws the same permutation and takes its own stride of it.
+        indices = data.epoch_indices(
+            len(d.train_x), epoch=epoch, seed=cfg.seed, rank=rank, world_size=world
+        )
         # A resumed epoch skips the batches it already trained on, and continues the same
         # augmentation stream, so the result is the same as if it had never stopped.
         indices = indices[p.step * cfg.batch_size :]
         batches = data.batches(d.train_x, d.train_y, indices, cfg.batch_size, drop_last=True)
-        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        # Rank 0 keeps the single-process stream; other ranks get streams of their own.
+        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + (rank << 40))
         if p.augment_rng is not None:
             augment_rng.set_state(p.augment_rng)
         start = time.perf_counter() - p.seconds
@@ -423,7 +519,7 @@ class _Trainer:
             initial=p.step,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
-            disable=None,
+            disable=None if self.dist.is_main else True,
             unit="batch",
         )
         for images_u8, labels in batches:
@@ -462,7 +558,7 @@ class _Trainer:
                 bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:,.0f}")
             bar.update()
             periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
-            if (self.stop.requested or periodic) and p.step < self.steps_per_epoch:
+            if (self._stop_requested() or periodic) and p.step < self.steps_per_epoch:
                 p.seconds = time.perf_counter() - start
                 p.augment_rng = augment_rng.get_state()
                 if cfg.save_model:
@@ -478,14 +574,24 @@ class _Trainer:
                     )
         bar.close()
         seconds = time.perf_counter() - start
+        # Metrics of the whole global batch stream, the same on every rank.
+        loss_sum, err_sum, seen = distributed.all_reduce_sum(
+            torch.tensor([p.loss_sum, p.err_sum, float(p.seen)], dtype=torch.float64)
+        ).tolist()
         row = {
-            "train_loss": p.loss_sum / max(1, p.seen),
-            "train_error": p.err_sum / max(1, p.seen),
-            "images_per_second": p.seen / max(1e-9, seconds),
+            "train_loss": loss_sum / max(1, seen),
+            "train_error": err_sum / max(1, seen),
+            "images_per_second": seen / max(1e-9, seconds),
             "train_seconds": seconds,
         }
         self.progress = _EpochProgress()
         return row
+
+    def _stop_requested(self) -> bool:
+        # Ranks must agree: one that stopped alone would leave the others waiting in DDP.
+        if self.dist.enabled:
+            self.stop.requested = distributed.any_rank(self.stop.requested)
+        return self.stop.requested
 
     def run(self) -> TrainResult:
         with self.stop:
@@ -493,17 +599,26 @@ class _Trainer:
 
     def _run(self) -> TrainResult:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(
-            json.dumps(self._state(0)["config"], indent=2) + "\n"
-        )
+        writer = None
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(
+                json.dumps(self._state(0)["config"], indent=2) + "\n"
+            )
+            writer = _tensorboard_writer(self.run_dir)
+        procs = ""
+        if self.dist.enabled:
+            procs = (
+                f", {self.dist.world_size} processes x batch {cfg.batch_size} = global batch "
+                f"{cfg.batch_size * self.dist.world_size}, peak lr "
+                f"{peak_lr(cfg, self.dist.world_size):g}"
+            )
         self.log(
             f"training {describe(self.model_cfg)} (preset {self.preset}) on "
             f"{self.data_cfg.dataset}: {len(self.data.train_x)} train / "
-            f"{len(self.data.val_x)} validation images, {self.runtime.describe()}, "
+            f"{len(self.data.val_x)} validation images, {self.runtime.describe()}{procs}, "
             f"run directory {self.run_dir}"
         )
-        writer = _tensorboard_writer(self.run_dir)
         start = time.perf_counter()
         epochs = 1 if cfg.dry_run else cfg.epochs
         epochs_run = self.start_epoch
@@ -527,7 +642,7 @@ class _Trainer:
                     k: v.detach().clone() for k, v in self.model.state_dict().items()
                 }
             self._end_epoch(epoch + 1, row, improved, writer)
-            if self.stop.requested:
+            if self._stop_requested():
                 raise TrainingInterrupted(
                     f"stopped after epoch {epoch + 1}; checkpoint saved. Continue with: "
                     f"mnist-resnet train --resume {self.run_dir}"
@@ -540,6 +655,8 @@ class _Trainer:
         return self._finish(epochs_run, time.perf_counter() - start)
 
     def _end_epoch(self, epoch: int, row: dict[str, float], improved: bool, writer: Any) -> None:
+        if not self.dist.is_main:
+            return  # ranks agree on the row and on `improved`; rank 0 writes them
         with (self.run_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
@@ -562,6 +679,7 @@ class _Trainer:
     def _finish(self, epochs_run: int, seconds: float) -> TrainResult:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        distributed.broadcast_module(self.model)  # a resumed run read best.pt on rank 0 only
         test = self._evaluate(self.data.test_x, self.data.test_y)
         result = {
             "best_epoch": self.best_epoch,
@@ -571,13 +689,14 @@ class _Trainer:
             "epochs_run": epochs_run,
             "train_seconds": seconds,
         }
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        if self.cfg.save_model:
-            best = self._state(self.best_epoch)
-            best["model"] = self.model.state_dict()
-            best["test"] = {"accuracy": test.accuracy, "loss": test.loss}
-            save_checkpoint(self.run_dir / "best.pt", best)
-        plots.training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
+        if self.dist.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            if self.cfg.save_model:
+                best = self._state(self.best_epoch)
+                best["model"] = self.model.state_dict()
+                best["test"] = {"accuracy": test.accuracy, "loss": test.loss}
+                save_checkpoint(self.run_dir / "best.pt", best)
+            plots.training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png")
         return TrainResult(
             run_dir=self.run_dir,
             best_epoch=self.best_epoch,
@@ -585,7 +704,12 @@ class _Trainer:
             test=test,
             epochs_run=epochs_run,
             seconds=seconds,
+            model=self.model,
         )
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _to_random_state(values: list[int]) -> tuple[Any, ...]:
@@ -610,11 +734,40 @@ def train(
     log: Log = print,
     resume: Path | None = None,
 ) -> TrainResult:
-    """Train (or resume) a run and evaluate its selected checkpoint once on the test set."""
+    """Train (or resume) a run and evaluate its selected checkpoint once on the test set.
+
+    Started by torchrun with several processes, it joins their process group (gloo on CPUs,
+    NCCL on CUDA) and trains data-parallel; it leaves the group on success and on error.
+    """
+    with distributed.process_group(accel=train_cfg.accel):
+        return _train(model_cfg, train_cfg, data_cfg, preset=preset, log=log, resume=resume)
+
+
+def _train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    *,
+    preset: str,
+    log: Log,
+    resume: Path | None,
+) -> TrainResult:
     resume_state = None
-    if resume is not None:
-        ckpt = find_resume_checkpoint(resume)
-        resume_state = load_checkpoint(ckpt)
+    fresh_dir = None
+    if resume is not None and _never_checkpointed(resume):
+        # Killed before its first checkpoint: nothing to restore, so start that run over.
+        saved = json.loads((resume / "config.json").read_text())
+        preset = saved.get("preset", preset)
+        model_cfg = from_dict(ModelConfig, saved["model"])
+        train_cfg = from_dict(TrainConfig, saved["train"])
+        data_cfg = from_dict(DataConfig, {**saved["data"], "data_dir": data_cfg.data_dir})
+        log(f"{resume} has no checkpoint yet: starting that run from the beginning")
+        fresh_dir, resume = resume, None
+    if fresh_dir is not None:
+        run_dir = fresh_dir
+    elif resume is not None:
+        # Rank 0 picks and reads the checkpoint; every rank then restores the same state.
+        ckpt, resume_state = distributed.main_only(lambda: _load_resume(resume))
         saved = resume_state["config"]
         preset = saved.get("preset", preset)
         model_cfg = from_dict(ModelConfig, saved["model"])
@@ -622,13 +775,8 @@ def train(
         data_cfg = from_dict(DataConfig, {**saved["data"], "data_dir": data_cfg.data_dir})
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     else:
-        name = train_cfg.name or default_run_name(preset, data_cfg, train_cfg)
-        run_dir = Path(train_cfg.runs_dir) / name
-        if (run_dir / "metrics.jsonl").exists():
-            raise TrainingError(
-                f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
-                "continue it or choose another --name"
-            )
+        # Rank 0 names the run (the default name holds the time) and checks it is new.
+        run_dir = distributed.main_only(lambda: _new_run_dir(preset, train_cfg, data_cfg))
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
     trainer = _Trainer(
@@ -641,3 +789,28 @@ def train(
         resume_state=resume_state,
     )
     return trainer.run()
+
+
+def _never_checkpointed(target: Path) -> bool:
+    return (
+        target.is_dir()
+        and (target / "config.json").is_file()
+        and not (target / "metrics.jsonl").exists()
+        and not run_checkpoints(target)
+    )
+
+
+def _load_resume(target: Path) -> tuple[Path, dict[str, Any]]:
+    ckpt = find_resume_checkpoint(target)
+    return ckpt, load_checkpoint(ckpt)
+
+
+def _new_run_dir(preset: str, train_cfg: TrainConfig, data_cfg: DataConfig) -> Path:
+    name = train_cfg.name or default_run_name(preset, data_cfg, train_cfg)
+    run_dir = Path(train_cfg.runs_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise TrainingError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
+            "continue it or choose another --name"
+        )
+    return run_dir

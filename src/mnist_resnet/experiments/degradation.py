@@ -1,0 +1,563 @@
+"""The degradation problem (He et al. 2015, Fig. 1 and 6): plain vs residual nets of each depth.
+
+Every (kind, depth, seed) is one *member run* in `<exp_dir>/<kind>-<depth>-s<seed>/`, trained with
+the identical recipe through `train.train_step`. A finished member leaves `history.json`
+(written atomically) and is reused by a re-run; an unfinished one resumes from its last
+per-epoch `checkpoint.pt`. Batch order is a function of (seed, epoch) and nothing else is random
+after initialisation, so a resumed member repeats the epochs an uninterrupted one would run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnist_resnet import data
+from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, default_data_dir
+from mnist_resnet.evaluate import evaluate
+from mnist_resnet.experiments import KINDS, DegradationConfig
+from mnist_resnet.model import ResNet, build_model
+from mnist_resnet.runtime import Runtime, configure_threads, make_runtime
+from mnist_resnet.train import (
+    PreparedData,
+    make_optimizer,
+    make_scheduler,
+    prepare_data,
+    train_step,
+)
+
+Log = Callable[[str], None]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Member:
+    kind: str
+    depth: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.depth}-s{self.seed}"
+
+
+def members(cfg: DegradationConfig) -> list[Member]:
+    """Shallow first, so a killed run has the cheap members done and the figure fills in."""
+    depths = sorted(cfg.depths)
+    seeds = range(1, cfg.seeds + 1)
+    return [Member(k, d, s) for s in seeds for d in depths for k in KINDS]
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    exp_dir: Path
+    rows: list[dict[str, Any]]
+    trained: list[str]
+    reused: list[str]
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Temp file in the same folder, then rename: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are results to share
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class StageGradNorms:
+    """L2 norm of each stage's parameter gradients, read by hooks inside `train_step`.
+
+    `train_step` runs backward and the optimizer step together, so the gradients are read as
+    they are accumulated (post-accumulate-grad hooks) and only on armed iterations.
+    """
+
+    def __init__(self, stages: Sequence[nn.Module]) -> None:
+        self.armed = False
+        self._sums = [torch.zeros(()) for _ in stages]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(partial(self._add, i))  # type: ignore[no-untyped-call]
+            for i, stage in enumerate(stages)
+            for p in stage.parameters()
+        ]
+
+    def _add(self, stage: int, param: torch.Tensor) -> None:
+        if self.armed and param.grad is not None:
+            self._sums[stage] += param.grad.detach().float().pow(2).sum().cpu()
+
+    def take(self) -> list[float]:
+        norms = [float(s.sqrt()) for s in self._sums]
+        self._sums = [torch.zeros(()) for _ in self._sums]
+        return norms
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# ----------------------------------------------------------------------------- one member
+
+
+def _new_history(cfg: DegradationConfig, member: Member, steps_per_epoch: int) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "recipe": cfg.recipe(),
+        "member": dataclasses.asdict(member),
+        "steps_per_epoch": steps_per_epoch,
+        # One entry per iteration: the training batch's loss and error before that step's update.
+        "train": {"iteration": [], "loss": [], "error": []},
+        # `val_points` entries per epoch; the last of each epoch is the per-epoch value.
+        "val": {"iteration": [], "error": []},
+        "epochs": [],
+        "grad_norms": {"stages": ["layer1", "layer2", "layer3"], "iteration": [], "norm": []},
+        "diverged_at": None,
+        "seconds": 0.0,
+    }
+
+
+def _error(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, d: PreparedData, rt: Runtime
+) -> float:
+    return evaluate(model, x, y, mean=d.mean, std=d.std, runtime=rt).error
+
+
+def train_member(
+    cfg: DegradationConfig,
+    member: Member,
+    d: PreparedData,
+    runtime: Runtime,
+    member_dir: Path,
+    *,
+    log: Log,
+) -> dict[str, Any]:
+    """Train one member (resuming from its checkpoint if one fits); return its finished history."""
+    train_cfg = cfg.train_config(member.seed)
+    model_cfg = ModelConfig(depth=member.depth, shortcut=member.kind == "residual")
+    torch.manual_seed(member.seed)
+    model = runtime.prepare_model(build_model(model_cfg))
+    assert isinstance(model, ResNet)
+    optimizer = make_optimizer(model, train_cfg)
+    n = cfg.train_images
+    steps = n // cfg.batch_size
+    scheduler = make_scheduler(optimizer, train_cfg, steps)
+    val_marks = {max(1, round(steps * (k + 1) / cfg.val_points)) for k in range(cfg.val_points)}
+    train_x, train_y = d.train_x[:n], d.train_y[:n]
+    history = _new_history(cfg, member, steps)
+    ckpt = member_dir / "checkpoint.pt"
+    start_epoch = _resume(ckpt, history, model, optimizer, scheduler, log)
+    probe = StageGradNorms(model.stages)
+    started = time.perf_counter()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            indices = data.epoch_indices(n, epoch=epoch, seed=member.seed)
+            batches = data.batches(train_x, train_y, indices, cfg.batch_size, drop_last=True)
+            for step, (images_u8, labels) in enumerate(batches, 1):
+                iteration = epoch * steps + step
+                probe.armed = (iteration - 1) % cfg.grad_every == 0
+                images = data.to_float(images_u8, d.mean, d.std)
+                loss, err = train_step(model, images, labels, optimizer, runtime)
+                scheduler.step()
+                _record_step(history, iteration, float(loss), float(err))
+                if probe.armed:
+                    history["grad_norms"]["iteration"].append(iteration)
+                    history["grad_norms"]["norm"].append(probe.take())
+                if not math.isfinite(float(loss)):
+                    history["diverged_at"] = iteration
+                    log(f"{member.name}: loss became {float(loss)} at iteration {iteration}")
+                    break
+                if step in val_marks:
+                    history["val"]["iteration"].append(iteration)
+                    history["val"]["error"].append(_error(model, d.val_x, d.val_y, d, runtime))
+                    model.train()
+            if history["diverged_at"] is not None:
+                break
+            history["seconds"] += time.perf_counter() - started
+            started = time.perf_counter()
+            val_error = history["val"]["error"][-1]
+            history["epochs"].append({"epoch": epoch + 1, "val_error": val_error})
+            save_checkpoint(
+                ckpt,
+                {
+                    "config": {"recipe": cfg.recipe(), "member": dataclasses.asdict(member)},
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": json.dumps(history),
+                },
+            )
+            log(
+                f"{member.name}: epoch {epoch + 1}/{cfg.epochs}, train loss "
+                f"{_mean_last(history['train']['loss'], steps):.4f}, val error {val_error:.2%}, "
+                f"{history['seconds']:.0f} s"
+            )
+    finally:
+        probe.remove()
+    history["seconds"] += time.perf_counter() - started
+    eval_n = min(cfg.train_eval_images, n)
+    history["final"] = {
+        "train_error": _error(model, train_x[:eval_n], train_y[:eval_n], d, runtime),
+        "val_error": _error(model, d.val_x, d.val_y, d, runtime),
+        "test_error": _error(model, d.test_x, d.test_y, d, runtime),
+    }
+    write_json(member_dir / "history.json", history)
+    ckpt.unlink(missing_ok=True)
+    return history
+
+
+def _record_step(history: dict[str, Any], iteration: int, loss: float, err: float) -> None:
+    history["train"]["iteration"].append(iteration)
+    history["train"]["loss"].append(_finite(loss))
+    history["train"]["error"].append(err)
+
+
+def _mean_last(values: list[float | None], count: int) -> float:
+    tail = [v for v in values[-count:] if v is not None]
+    return sum(tail) / max(1, len(tail))
+
+
+def _resume(
+    ckpt: Path,
+    history: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    log: Log,
+) -> int:
+    """Restore a member killed mid-way; a checkpoint of another config is ignored."""
+    if not ckpt.exists():
+        return 0
+    try:
+        state = load_checkpoint(ckpt)
+    except CheckpointError as e:
+        log(f"ignoring {ckpt}: {e}")
+        return 0
+    expected = {"recipe": history["recipe"], "member": history["member"]}
+    if state["config"] != expected:
+        log(f"ignoring {ckpt}: written by a different configuration")
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    history.clear()
+    history.update(json.loads(state["history"]))
+    log(f"{ckpt.parent.name}: resumed after epoch {state['epoch']}")
+    return int(state["epoch"])
+
+
+def _finished_history(path: Path, cfg: DegradationConfig, member: Member) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        history: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    fits = (
+        history.get("format_version") == FORMAT_VERSION
+        and history.get("recipe") == cfg.recipe()
+        and history.get("member") == dataclasses.asdict(member)
+        and "final" in history
+    )
+    return history if fits else None
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def experiment_dir(cfg: DegradationConfig, runs_dir: str = "", name: str = "") -> Path:
+    return Path(runs_dir or TrainConfig().runs_dir) / (name or f"degradation-{cfg.dataset}")
+
+
+def _check_experiment(exp_dir: Path, cfg: DegradationConfig, hashes: dict[str, str]) -> None:
+    """Write experiment.json, or refuse when the folder holds an experiment of another config."""
+    path = exp_dir / "experiment.json"
+    wanted: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "recipe": cfg.recipe(),
+        "data_hashes": hashes,
+    }
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path} is unreadable ({e}); delete it or choose --name") from e
+        if saved != wanted:
+            old = saved.get("recipe", {}) if isinstance(saved, dict) else {}
+            diff = [k for k in wanted["recipe"] if old.get(k) != wanted["recipe"][k]]
+            what = ", ".join(f"{k} {old.get(k)!r} -> {wanted['recipe'][k]!r}" for k in diff)
+            raise ConfigError(
+                f"{exp_dir} holds an experiment with a different configuration "
+                f"({what or 'data files or format'}); pass another --name or delete that folder"
+            )
+        return
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, wanted)
+
+
+def run(
+    cfg: DegradationConfig,
+    *,
+    data_dir: str = "",
+    runs_dir: str = "",
+    name: str = "",
+    threads: int = 0,
+    log: Log = print,
+) -> ExperimentResult:
+    """Train every missing member, then write the table (.md/.json) and both figures."""
+    cfg.validate()
+    started = time.perf_counter()
+    configure_threads(threads)
+    runtime = make_runtime(accel=True, amp=True, channels_last=True)
+    d = prepare_data(
+        DataConfig(dataset=cfg.dataset, data_dir=data_dir or default_data_dir(), augment=False),
+        log=log,
+    )
+    if cfg.train_images > len(d.train_x) or cfg.val_images > len(d.val_x):
+        raise ConfigError(
+            f"{cfg.dataset} has {len(d.train_x)} training and {len(d.val_x)} validation images; "
+            f"asked for {cfg.train_images} and {cfg.val_images}"
+        )
+    test_n = cfg.test_images or len(d.test_x)
+    d = dataclasses.replace(
+        d,
+        val_x=d.val_x[: cfg.val_images],
+        val_y=d.val_y[: cfg.val_images],
+        test_x=d.test_x[:test_n],
+        test_y=d.test_y[:test_n],
+    )
+    exp_dir = experiment_dir(cfg, runs_dir, name)
+    _check_experiment(exp_dir, cfg, d.hashes)
+    log(
+        f"degradation experiment in {exp_dir}: {cfg.dataset}, {cfg.train_images} training images, "
+        f"depths {list(cfg.depths)}, {cfg.epochs} epochs, {cfg.seeds} seed(s), "
+        f"{runtime.describe()}"
+    )
+    histories: dict[Member, dict[str, Any]] = {}
+    trained, reused = [], []
+    for member in members(cfg):
+        member_dir = exp_dir / member.name
+        done = _finished_history(member_dir / "history.json", cfg, member)
+        if done is not None:
+            log(f"{member.name}: reusing the finished run")
+            reused.append(member.name)
+        else:
+            member_dir.mkdir(exist_ok=True)
+            done = train_member(cfg, member, d, runtime, member_dir, log=log)
+            trained.append(member.name)
+            log(
+                f"{member.name}: train error {done['final']['train_error']:.2%}, "
+                f"test error {done['final']['test_error']:.2%}, {done['seconds']:.0f} s"
+            )
+        histories[member] = done
+    rows = summarize(cfg, histories)
+    write_json(exp_dir / "degradation.json", {"config": cfg.to_json(), "rows": rows})
+    (exp_dir / "degradation.md").write_text(format_table(cfg, rows))
+    plot_errors(cfg, histories, exp_dir / "degradation.png")
+    plot_grad_norms(cfg, histories, exp_dir / "grad-norms.png")
+    return ExperimentResult(exp_dir, rows, trained, reused, time.perf_counter() - started)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+METRICS = ("train_error", "val_error", "test_error")
+
+
+def summarize(
+    cfg: DegradationConfig, histories: dict[Member, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per (kind, depth): each final error's per-seed values, mean and sample std."""
+    rows = []
+    for kind in KINDS:
+        for depth in sorted(cfg.depths):
+            runs = [h for m, h in histories.items() if (m.kind, m.depth) == (kind, depth)]
+            row: dict[str, Any] = {"kind": kind, "depth": depth, "seeds": len(runs)}
+            for metric in METRICS:
+                values = [h["final"][metric] for h in runs]
+                row[metric] = {
+                    "values": values,
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
+            row["diverged"] = sum(h["diverged_at"] is not None for h in runs)
+            row["seconds"] = sum(h["seconds"] for h in runs)
+            rows.append(row)
+    return rows
+
+
+def _pct(stat: dict[str, Any], seeds: int) -> str:
+    if seeds > 1:
+        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}%"
+    return f"{100 * stat['mean']:.2f}%"
+
+
+def format_table(cfg: DegradationConfig, rows: list[dict[str, Any]]) -> str:
+    seeds = f"mean ± std over {cfg.seeds} seeds" if cfg.seeds > 1 else "one seed"
+    lines = [
+        f"Final error after {cfg.epochs} epochs on {cfg.dataset} ({cfg.train_images} training "
+        f"images; {seeds}). Train error: the first "
+        f"{min(cfg.train_eval_images, cfg.train_images)} training images in eval mode; validation: "
+        f"{cfg.val_images} held-out training images; test: "
+        f"{cfg.test_images or 'all the'} test images.",
+        "",
+        "| net | depth | train error | validation error | test error | training time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [_pct(row[m], row["seeds"]) for m in METRICS]
+        note = f" (diverged: {row['diverged']})" if row["diverged"] else ""
+        lines.append(
+            f"| {row['kind']}{note} | {row['depth']} | {' | '.join(cells)} "
+            f"| {row['seconds']:.0f} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(
+    xs: Sequence[int], ys: Sequence[float | None], window: int
+) -> tuple[list[float], list[float]]:
+    """Moving average of per-batch values (one batch's error is too noisy to read)."""
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    if len(points) < window or window <= 1:
+        return [float(x) for x, _ in points], [float(y) for _, y in points]
+    out_x, out_y = [], []
+    total = sum(y for _, y in points[:window])
+    for i in range(window - 1, len(points)):
+        if i >= window:
+            total += points[i][1] - points[i - window][1]
+        out_x.append(float(points[i - window // 2][0]))
+        out_y.append(total / window)
+    return out_x, out_y
+
+
+def _mean_curve(runs: list[dict[str, Any]], part: str, key: str) -> tuple[list[int], list[float]]:
+    """Average a curve over seeds, on the iterations every seed reached."""
+    length = min(len(h[part][key]) for h in runs)
+    xs = runs[0][part]["iteration"][:length]
+    ys = [
+        statistics.fmean(h[part][key][i] if h[part][key][i] is not None else math.nan for h in runs)
+        for i in range(length)
+    ]
+    return xs, ys
+
+
+def plot_errors(cfg: DegradationConfig, histories: dict[Member, dict[str, Any]], out: Path) -> None:
+    """Training error (thin, smoothed) and validation error (bold) vs iteration, like Fig. 6."""
+    plt = _pyplot()
+    depths = sorted(cfg.depths)
+    colours = plt.get_cmap("viridis")(
+        [0.85 - 0.8 * i / max(1, len(depths) - 1) for i in range(len(depths))]
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    top = 0.0
+    for ax, kind in zip(axes, KINDS, strict=True):
+        for depth, colour in zip(depths, colours, strict=True):
+            runs = [h for m, h in histories.items() if (m.kind, m.depth) == (kind, depth)]
+            window = max(1, runs[0]["steps_per_epoch"] // 5)
+            tx, ty = _smooth(*_mean_curve(runs, "train", "error"), window)
+            vx, vy = _mean_curve(runs, "val", "error")
+            ax.plot(tx, [100 * y for y in ty], color=colour, lw=0.9, alpha=0.9)
+            name = f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"
+            ax.plot(vx, [100 * y for y in vy], color=colour, lw=2.6, marker="o", ms=3, label=name)
+            top = max(
+                top, *(y for y in ty[len(ty) // 4 :] if math.isfinite(y)), *vy[len(vy) // 4 :]
+            )
+        steps = runs[0]["steps_per_epoch"]
+        for epoch in range(1, cfg.epochs):
+            ax.axvline(epoch * steps, color="0.85", lw=0.8, zorder=0)
+        ax.set(
+            xlabel="iteration",
+            title=f"{'plain networks' if kind == 'plain' else 'residual networks'}",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(title="thin: train, bold: validation", fontsize=9, title_fontsize=8)
+    axes[0].set_ylabel("error (%)")
+    axes[0].set_ylim(0, min(100.0, 1.25 * 100 * top + 1))
+    fig.suptitle(
+        f"{cfg.dataset}, {cfg.train_images} training images, {cfg.epochs} epochs, "
+        f"identical recipe (SGD lr {cfg.lr:g}, batch {cfg.batch_size})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+STAGE_ROLES = ("next to the input", "middle", "next to the output")
+
+
+def plot_grad_norms(
+    cfg: DegradationConfig, histories: dict[Member, dict[str, Any]], out: Path
+) -> None:
+    """Per-stage gradient norm vs iteration for plain and residual nets of the largest depth."""
+    plt = _pyplot()
+    depth = max(cfg.depths)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = ("tab:blue", "tab:orange", "tab:green")
+    for ax, kind in zip(axes, KINDS, strict=True):
+        runs = [h for m, h in histories.items() if (m.kind, m.depth) == (kind, depth)]
+        h = runs[0]  # the first seed: seeds differ in detail, not in the picture
+        xs = h["grad_norms"]["iteration"]
+        norms = h["grad_norms"]["norm"]
+        for stage, (name, colour) in enumerate(
+            zip(h["grad_norms"]["stages"], colours, strict=True)
+        ):
+            ys = [row[stage] for row in norms]
+            ax.plot(xs, ys, color=colour, lw=1.2, label=f"{name} ({STAGE_ROLES[stage]})")
+        ax.set(
+            xlabel="iteration",
+            yscale="log",
+            title=f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}: gradient norm per stage",
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=9)
+    axes[0].set_ylabel("‖gradient‖ of the stage's parameters")
+    fig.suptitle(
+        f"{cfg.dataset}: L2 norm of each stage's parameter gradients, read every "
+        f"{cfg.grad_every} iterations (same batches for both nets)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
