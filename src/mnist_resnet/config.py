@@ -99,7 +99,9 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 128
-    test_batch_size: int = 1000
+    # Evaluation batch: on this 2-core CPU, ResNet-14 inference in channels_last ran at 3,660
+    # img/s in batches of 100 but 1,840 img/s in batches of 1,000 (activations outgrow the cache).
+    test_batch_size: int = 100
     # Peak learning rate of the one-cycle schedule (SGD, Nesterov momentum).
     lr: float = 0.2
     momentum: float = 0.9

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_resnet import data
+from mnist_resnet.config import TrainConfig
 from mnist_resnet.runtime import Runtime
 
 
@@ -37,7 +38,7 @@ class EvalResult:
         return (self.confusion.diagonal() / totals).tolist()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     images_u8: torch.Tensor,
@@ -45,7 +46,7 @@ def predict_logits(
     mean: float,
     std: float,
     runtime: Runtime,
-    batch_size: int = 1000,
+    batch_size: int = TrainConfig.test_batch_size,
 ) -> torch.Tensor:
     """fp32 logits for uint8 images (N, 28, 28) or (N, 1, 28, 28), in large eval batches."""
     model.eval()
@@ -69,7 +70,7 @@ def evaluate(
     mean: float,
     std: float,
     runtime: Runtime,
-    batch_size: int = 1000,
+    batch_size: int = TrainConfig.test_batch_size,
 ) -> EvalResult:
     logits = predict_logits(
         model, images_u8, mean=mean, std=std, runtime=runtime, batch_size=batch_size
@@ -98,7 +99,7 @@ def evaluate_shard(
     std: float,
     runtime: Runtime,
     num_classes: int,
-    batch_size: int = 1000,
+    batch_size: int = TrainConfig.test_batch_size,
 ) -> EvalResult:
     """Metrics of a split shared out between ranks, reduced across them.
 
@@ -156,7 +157,7 @@ def evaluate_checkpoint(
     *,
     data_dir: Path,
     out_dir: Path | None = None,
-    batch_size: int = 1000,
+    batch_size: int = TrainConfig.test_batch_size,
     accel: bool = True,
 ) -> str:
     """Test-set report of a checkpoint, with confusion.png and misclassified.png beside it.
