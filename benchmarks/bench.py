@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mnist_resnet import data
 from mnist_resnet.config import ModelConfig, TrainConfig
 from mnist_resnet.model import build_model, flops_per_image
 from mnist_resnet.runtime import Runtime, available_cpus
@@ -226,6 +227,12 @@ def main() -> int:
     }
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f}")
 
+    batch_u8 = torch.randint(0, 256, (512, 1, 28, 28), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    augment = _timed(lambda: data.augment_batch(batch_u8, generator, 2), args.window, args.repeats)
+    augment_ms = 1000 / statistics.median(augment)
+    print(f"augment_batch (512 images, shift 2): {augment_ms:.2f} ms")
+
     resnet20 = ModelConfig(depth=20)
     variants = {
         "fp32": dict(amp=False, channels_last=False, compile=False),
@@ -265,7 +272,9 @@ def main() -> int:
                 )
             recipes[recipe] = {"argv": RECIPES[recipe], "runs": runs, **summarize(runs)}
 
-    report = {"machine": info, "matmul_peak_flops": peaks, "throughput_resnet20": speed}
+    report: dict[str, Any] = {"machine": info, "matmul_peak_flops": peaks}
+    report["throughput_resnet20"] = speed
+    report["augment_ms_per_512"] = augment_ms
     report["recipes"] = recipes
     base = recipes.get("pytorch-examples", {}).get("train_seconds_to", {}).get("0.99")
     fast = recipes.get("fast", {}).get("train_seconds_to", {}).get("0.995")
