@@ -62,6 +62,16 @@ def predict_logits(
     return torch.cat(outputs)
 
 
+def confusion_matrix(
+    labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """counts[true, predicted] as a (num_classes, num_classes) int64 tensor."""
+    flat = labels.long() * num_classes + predictions
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
 def evaluate(
     model: nn.Module,
     images_u8: torch.Tensor,
@@ -78,9 +88,7 @@ def evaluate(
     labels = labels.long()
     num_classes = logits.shape[1]
     predictions = logits.argmax(dim=1)
-    confusion = torch.bincount(
-        labels * num_classes + predictions, minlength=num_classes * num_classes
-    ).reshape(num_classes, num_classes)
+    confusion = confusion_matrix(labels, predictions, num_classes)
     return EvalResult(
         loss=float(F.cross_entropy(logits, labels)),
         accuracy=float((predictions == labels).float().mean()),
@@ -119,12 +127,10 @@ def evaluate_shard(
         logits = torch.empty(0, num_classes)
     shard_y = shard_y.long()
     predictions = logits.argmax(dim=1)
-    confusion = torch.bincount(
-        shard_y * num_classes + predictions, minlength=num_classes * num_classes
-    )
+    confusion = confusion_matrix(shard_y, predictions, num_classes)
     loss_sum = F.cross_entropy(logits.double(), shard_y, reduction="sum").reshape(1)
     # One collective for both: float64 holds counts exactly up to 2^53.
-    totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum]))
+    totals = all_reduce_sum(torch.cat([confusion.flatten().double(), loss_sum]))
     confusion = totals[:-1].round().long().reshape(num_classes, num_classes)
     count = max(1, int(confusion.sum()))
     return EvalResult(

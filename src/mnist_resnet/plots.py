@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: figures are files, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +31,7 @@ def training_curves(metrics_path: Path, out: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train", "train"), ("val", "validation"), ("test", "test")):
@@ -49,7 +50,7 @@ def training_curves(metrics_path: Path, out: Path) -> None:
 
 
 def confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], out: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(class_names)
     fig, ax = plt.subplots(figsize=(7, 6))
     # Log colour scale: the diagonal holds ~1000 and the interesting errors single digits.
@@ -81,7 +82,7 @@ def misclassified_grid(
 ) -> int:
     """Grid of misclassified images titled `true→predicted`; returns how many are shown."""
     wrong = (predictions != labels).nonzero().flatten()[:limit]
-    plt = _pyplot()
+    plt = pyplot()
     count = len(wrong)
     cols = 10
     rows = max(1, (count + cols - 1) // cols)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnist_resnet import data
+from mnist_resnet import data, plots
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, default_data_dir
 from mnist_resnet.evaluate import evaluate
@@ -445,15 +445,6 @@ def format_table(cfg: DegradationConfig, rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- figures
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _smooth(
     xs: Sequence[int], ys: Sequence[float | None], window: int
 ) -> tuple[list[float], list[float]]:
@@ -484,7 +475,7 @@ def _mean_curve(runs: list[dict[str, Any]], part: str, key: str) -> tuple[list[i
 
 def plot_errors(cfg: DegradationConfig, histories: dict[Member, dict[str, Any]], out: Path) -> None:
     """Training error (thin, smoothed) and validation error (bold) vs iteration, like Fig. 6."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     depths = sorted(cfg.depths)
     colours = plt.get_cmap("viridis")(
         [0.85 - 0.8 * i / max(1, len(depths) - 1) for i in range(len(depths))]
@@ -531,7 +522,7 @@ def plot_grad_norms(
     cfg: DegradationConfig, histories: dict[Member, dict[str, Any]], out: Path
 ) -> None:
     """Per-stage gradient norm vs iteration for plain and residual nets of the largest depth."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     depth = max(cfg.depths)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colours = ("tab:blue", "tab:orange", "tab:green")
