@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from mnist_resnet import data
+from mnist_resnet.config import ConfigError, DataConfig
 from mnist_resnet.data import (
     DATASETS,
     DataError,
@@ -744,3 +745,41 @@ def test_splits_is_frozen(tmp_path: Path, tiny: Tiny) -> None:
     splits = data.load(tiny.spec, tmp_path, download=False, log=quiet)
     with pytest.raises(dataclasses.FrozenInstanceError):
         splits.train_images = torch.zeros(1)  # type: ignore[misc]
+
+
+def test_random_erase_blanks_one_square_per_image() -> None:
+    x = torch.ones(64, 1, 28, 28)
+    out = data.random_erase(x.clone(), torch.Generator().manual_seed(0), 6, fill=-0.5)
+    hidden = (out == -0.5).sum(dim=(1, 2, 3))
+    # A full 6x6 square, or less where it hangs over an edge; never more, never nothing.
+    assert int(hidden.max()) == 36 and int(hidden.min()) >= 3 * 3
+    assert set(out.unique().tolist()) == {-0.5, 1.0}
+    for i in range(len(out)):
+        rows, cols = torch.nonzero(out[i, 0] == -0.5, as_tuple=True)
+        box = (int(rows.max() - rows.min()) + 1) * (int(cols.max() - cols.min()) + 1)
+        assert box == int(hidden[i])  # one solid rectangle
+    assert data.random_erase(x, torch.Generator(), 0) is x
+
+
+def test_training_batch_applies_what_the_config_asks() -> None:
+    x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
+    plain = data.training_batch(x, DataConfig(augment=False), torch.Generator(), 0.1, 0.3)
+    assert torch.equal(plain, data.to_float(x, 0.1, 0.3))
+    cfg = DataConfig(max_shift=0, rotate=10.0, scale=0.1, erase=6)
+    a = data.training_batch(x, cfg, torch.Generator().manual_seed(3), 0.1, 0.3)
+    b = data.training_batch(x, cfg, torch.Generator().manual_seed(3), 0.1, 0.3)
+    assert a.dtype == torch.float32 and a.shape == x.shape
+    assert torch.equal(a, b)  # a pure function of the generator: resume repeats it exactly
+    assert not torch.allclose(a, plain)
+    # Background stays background: rotation and Cutout fill with the standardised zero pixel.
+    blank = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    out = data.training_batch(blank, cfg, torch.Generator().manual_seed(1), 0.1, 0.3)
+    assert torch.allclose(out, torch.full_like(out, -0.1 / 0.3), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("rotate", 45.0), ("rotate", -1.0), ("scale", 0.6), ("erase", 29)]
+)
+def test_augmentation_limits_are_checked(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        dataclasses.replace(DataConfig(), **{field: value}).validate()

@@ -13,7 +13,14 @@ import torch
 from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
 from mnist_resnet.model import build_model
 from mnist_resnet.runtime import make_runtime
-from mnist_resnet.train import lr_factor, make_optimizer, param_groups, train, train_step
+from mnist_resnet.train import (
+    WeightAverage,
+    lr_factor,
+    make_optimizer,
+    param_groups,
+    train,
+    train_step,
+)
 
 
 def test_onecycle_warms_up_then_decays_to_zero() -> None:
@@ -126,3 +133,64 @@ def test_resume_picks_the_newest_progress_not_the_last_name(tmp_path: Path) -> N
     assert find_resume_checkpoint(tmp_path).name == "epoch-001-step-00005.pt"
     (ckpts / "epoch-001-step-00005.pt").write_bytes(b"torn")
     assert find_resume_checkpoint(tmp_path).name == "epoch-001.pt"
+
+
+def test_weight_average_follows_the_weights_with_warmup() -> None:
+    model = build_model(ModelConfig(depth=8))
+    average = WeightAverage(model, decay=0.99)
+    before = {k: v.clone() for k, v in average.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.num_batches_tracked.fill_(7)
+    average.update()
+    # First update: decay min(0.99, 2/11), so the average moves 9/11 of the way.
+    weight = "fc.weight"
+    moved = average.model.state_dict()[weight] - before[weight]
+    assert torch.allclose(moved, torch.full_like(moved, 9 / 11), atol=1e-6)
+    counters = [
+        m.num_batches_tracked for m in average.model.modules() if hasattr(m, "num_batches_tracked")
+    ]
+    assert int(counters[0]) == 7  # counters are copied, not averaged
+    assert all(not p.requires_grad for p in average.model.parameters())
+    # The average is a copy: training the model never writes into it directly.
+    copy = WeightAverage(model, decay=0.99)
+    copy.load_state_dict(average.state_dict())
+    assert copy.updates == 1
+    for k, v in average.model.state_dict().items():
+        assert torch.equal(copy.model.state_dict()[k], v)
+
+
+@pytest.mark.slow
+def test_ema_and_augmentation_run_resumes_exactly_and_selects_the_average(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    """The accuracy recipe's moving parts (EMA, rotation, zoom, Cutout) survive a kill."""
+    from mnist_resnet.checkpoint import load_checkpoint
+
+    def configs(name: str) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+        model_cfg, train_cfg, data_cfg = _small_run(mnist_root, tmp_path, name=name)
+        return (
+            model_cfg,
+            dataclasses.replace(train_cfg, ema_decay=0.9),
+            dataclasses.replace(data_cfg, rotate=10.0, scale=0.1, erase=6),
+        )
+
+    full = train(*configs("full"), log=lambda _: None)
+
+    def die_at_epoch_two(line: str) -> None:
+        if line.startswith("epoch 2/"):
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train(*configs("cut"), log=die_at_epoch_two)
+    resumed = train(*configs("ignored"), log=lambda _: None, resume=tmp_path / "cut")
+    assert (resumed.test.accuracy, resumed.test.loss) == (full.test.accuracy, full.test.loss)
+    best = load_checkpoint(tmp_path / "full" / "best.pt")
+    last = load_checkpoint(tmp_path / "full" / "checkpoints" / f"epoch-00{best['epoch']}.pt")
+    # best.pt holds the averaged weights of the selected epoch, not its raw weights.
+    assert last["weight_average"]["updates"] > 0
+    for key, value in best["model"].items():
+        assert torch.equal(value, last["weight_average"]["model"][key])
+    assert any(not torch.equal(v, last["model"][k]) for k, v in best["model"].items())

@@ -40,6 +40,7 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--threads", "threads", "CPU threads (0: one per available core)"),
     ("--patience", "patience", "stop after this many epochs without validation gain (0: off)"),
     ("--grad-clip", "grad_clip", "clip the gradient norm to this value (0: off)"),
+    ("--ema-decay", "ema_decay", "average the weights with this decay, e.g. 0.999 (0: off)"),
     ("--keep-last", "keep_last", "epoch checkpoints to keep besides best.pt"),
     ("--checkpoint-steps", "checkpoint_steps", "also checkpoint every N steps (0: per epoch)"),
     ("--runs-dir", "runs_dir", "folder that holds run directories"),
@@ -68,6 +69,9 @@ DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--val-size", "val_size", "training images held out for validation"),
     ("--split-seed", "split_seed", "seed of the validation split"),
     ("--max-shift", "max_shift", "random translation in pixels for augmentation"),
+    ("--rotate", "rotate", "random rotation up to this many degrees (0: off)"),
+    ("--scale", "scale", "random zoom by up to this fraction, e.g. 0.1 (0: off)"),
+    ("--erase", "erase", "Cutout: side of one blanked square per image, pixels (0: off)"),
     ("--subset", "subset", "fraction of the training split to use"),
 )
 
@@ -150,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train with N processes on this machine (launches torchrun); --batch-size is per "
         "process, so the global batch and the SGD learning rate grow N times",
     )
-    train.add_argument("--no-augment", action="store_true", help="disable random translation")
+    train.add_argument("--no-augment", action="store_true", help="disable all augmentation")
     train.add_argument(
         "--no-shortcut", action="store_true", help="remove the skip connections (plain net)"
     )
@@ -171,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--test-batch-size", type=int, default=TrainConfig().test_batch_size)
     ev.add_argument("--no-accel", action="store_true", help="use the CPU even with a GPU")
+
+    en = sub.add_parser(
+        "ensemble", help="average the softmax outputs of several checkpoints (and test-time shifts)"
+    )
+    en.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help="checkpoint files")
+    en.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="test, or the validation images the checkpoints held out (default: %(default)s)",
+    )
+    en.add_argument(
+        "--tta", action="store_true", help="also average over one-pixel shifts of each image"
+    )
+    en.add_argument(
+        "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
+    )
+    en.add_argument(
+        "--json", type=Path, default=None, metavar="FILE", help="also write results here"
+    )
+    en.add_argument("--test-batch-size", type=int, default=TrainConfig().test_batch_size)
+    en.add_argument("--no-accel", action="store_true", help="use the CPU even with a GPU")
 
     summary = sub.add_parser("summary", help="parameters and FLOPs per image of the presets")
     summary.add_argument("presets", nargs="*", help="preset names (default: all)")
@@ -374,6 +400,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from mnist_resnet.ensemble import ensemble, write_json
+
+    if args.test_batch_size < 1:
+        raise ConfigError("--test-batch-size must be >= 1")
+    views = " with test-time shifts" if args.tta else ""
+    print(f"{args.split} accuracy of each model{views}:")
+    result = ensemble(
+        args.checkpoints,
+        data_dir=Path(args.data_dir or default_data_dir()),
+        split=args.split,
+        tta=args.tta,
+        batch_size=args.test_batch_size,
+        accel=not args.no_accel,
+    )
+    if args.json is not None:
+        write_json(result, args.json)
+    n = len(result.members)
+    print(
+        f"ensemble of {n} model{'s' if n > 1 else ''}{views} on {result.dataset} "
+        f"{result.split} ({result.count} images): loss {result.loss:.4f}"
+    )
+    print(f"{result.split} accuracy: {result.accuracy:.2%}")
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from mnist_resnet.model import summary
 
@@ -489,6 +541,7 @@ COMMANDS = {
     "export": cmd_export,
     "serve": cmd_serve,
     "experiment": cmd_experiment,
+    "ensemble": cmd_ensemble,
 }
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mnist_resnet.config import default_data_dir
+from mnist_resnet.config import DataConfig, default_data_dir
 
 Log = Callable[[str], None]
 
@@ -1070,3 +1070,46 @@ def random_affine(
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill
+
+
+def random_erase(x: Tensor, generator: torch.Generator, size: int, fill: float = 0.0) -> Tensor:
+    """Cutout (DeVries & Taylor 2017): blank one `size` x `size` square per image, in place.
+
+    The square's centre is uniform over the image, so it may hang over an edge and hide less:
+    the network learns to read digits with a stroke missing, never with the whole digit gone.
+    """
+    if size <= 0:
+        return x
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b, 1, 1), generator=generator).to(x.device)
+    cx = torch.randint(0, w, (b, 1, 1), generator=generator).to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    lo = size // 2
+    hide = (rows >= cy - lo) & (rows < cy - lo + size) & (cols >= cx - lo) & (cols < cx - lo + size)
+    return x.masked_fill_(hide.unsqueeze(1), fill)
+
+
+def training_batch(
+    images_u8: Tensor, cfg: DataConfig, generator: torch.Generator, mean: float, std: float
+) -> Tensor:
+    """The float batch the network trains on: augmented as `cfg` says, then standardised.
+
+    Translation runs on uint8 (zero fill is exactly the background); rotation/scaling and
+    Cutout run after standardising, filling with the standardised background value.
+    """
+    if cfg.augment:
+        images_u8 = augment_batch(images_u8, generator, cfg.max_shift)
+    x = to_float(images_u8, mean, std)
+    if not cfg.augment:
+        return x
+    background = -mean / std
+    if cfg.rotate > 0 or cfg.scale > 0:
+        x = random_affine(
+            x,
+            generator,
+            max_degrees=cfg.rotate,
+            scale=(1.0 - cfg.scale, 1.0 + cfg.scale),
+            fill=background,
+        )
+    return random_erase(x, generator, cfg.erase, fill=background)

@@ -6,6 +6,7 @@ saved with every checkpoint, so a resumed run continues exactly where the killed
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -145,6 +146,42 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach(), (logits.detach().argmax(1) != labels).float().mean()
+
+
+class WeightAverage:
+    """Exponential moving average of a model's weights and BatchNorm statistics.
+
+    A separate copy of the model holds the average, so it can be evaluated as it is. Early
+    updates use a smaller decay, min(decay, (1 + n) / (10 + n)), so the average does not
+    remember the random initialisation for thousands of steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        # state_dict() tensors share storage with the live parameters and buffers.
+        pairs = list(
+            zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
+        )
+        self._floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged = [a for a, _ in self._floats]
+        torch._foreach_lerp_(averaged, [b for _, b in self._floats], 1.0 - decay)
+        for a, b in self._others:
+            a.copy_(b)  # BatchNorm's num_batches_tracked: a counter, not an average
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 @dataclass(frozen=True)
@@ -346,6 +383,9 @@ class _Trainer:
         self.forward: nn.Module = torch.compile(wrapped) if train_cfg.compile else wrapped  # type: ignore[assignment]
         # Evaluation shards the split itself: DDP's forward would sync buffers on every batch.
         self.eval_forward = self.model if self.dist.enabled else self.forward
+        self.average = (
+            WeightAverage(self.model, train_cfg.ema_decay) if train_cfg.ema_decay else None
+        )
         if train_cfg.save_model:
             # Weights plus SGD momentum, in fp32: the bulk of a checkpoint's size.
             size = 2 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
@@ -378,6 +418,10 @@ class _Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            if state.get("weight_average") is None:
+                raise TrainingError("this checkpoint holds no weight average to resume --ema-decay")
+            self.average.load_state_dict(state["weight_average"])
         if saved_world != world:
             self._rescale_schedule(self.start_epoch)
         if partial:
@@ -448,6 +492,7 @@ class _Trainer:
             "data_hashes": self.data.hashes,
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
+            "weight_average": None if self.average is None else self.average.state_dict(),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
@@ -471,12 +516,15 @@ class _Trainer:
         for old in run_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
 
-    def _evaluate(self, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
+    def _evaluate(
+        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+    ) -> EvalResult:
+        model = self.eval_forward if model is None else model
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
         if self.dist.enabled:
             return evaluate_shard(
-                self.eval_forward,
+                model,
                 x,
                 y,
                 mean=self.data.mean,
@@ -486,7 +534,7 @@ class _Trainer:
                 batch_size=self.cfg.test_batch_size,
             )
         return evaluate(
-            self.eval_forward,
+            model,
             x,
             y,
             mean=self.data.mean,
@@ -525,10 +573,7 @@ class _Trainer:
         for images_u8, labels in batches:
             if p.step >= self.steps_per_epoch:
                 break
-            if self.data_cfg.augment:
-                # On uint8, before normalising: the zero fill is then exactly the background.
-                images_u8 = data.augment_batch(images_u8, augment_rng, self.data_cfg.max_shift)
-            images = data.to_float(images_u8, d.mean, d.std)
+            images = data.training_batch(images_u8, self.data_cfg, augment_rng, d.mean, d.std)
             try:
                 loss, err = train_step(
                     self.forward,
@@ -548,6 +593,9 @@ class _Trainer:
                     ) from None
                 self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
                 loss, err = torch.zeros(()), torch.ones(())
+            else:
+                if self.average is not None:
+                    self.average.update()
             self.scheduler.step()
             p.step += 1
             p.loss_sum += float(loss) * len(labels)
@@ -586,6 +634,10 @@ class _Trainer:
         }
         self.progress = _EpochProgress()
         return row
+
+    def _candidate(self) -> nn.Module:
+        """The weights an epoch is judged by: the running average if there is one."""
+        return self.eval_forward if self.average is None else self.average.model
 
     def _stop_requested(self) -> bool:
         # Ranks must agree: one that stopped alone would leave the others waiting in DDP.
@@ -626,20 +678,22 @@ class _Trainer:
             epochs_run = epoch + 1
             row: dict[str, float] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self._train_epoch(epoch))
+            # With --ema-decay the averaged weights are validated, selected and tested.
+            selectable = self.model if self.average is None else self.average.model
             if len(self.data.val_x):
-                val = self._evaluate(self.data.val_x, self.data.val_y)
+                val = self._evaluate(self.data.val_x, self.data.val_y, self._candidate())
                 row.update(val_loss=val.loss, val_error=val.error)
                 improved = val.error < self.best_val_error
             else:
                 improved = True  # no validation split: the last epoch is the selected one
             if cfg.eval_test_every_epoch:
-                test = self._evaluate(self.data.test_x, self.data.test_y)
+                test = self._evaluate(self.data.test_x, self.data.test_y, self._candidate())
                 row.update(test_loss=test.loss, test_error=test.error)
             if improved:
                 self.best_epoch = epoch + 1
                 self.best_val_error = row.get("val_error", math.inf)
                 self.best_state = {
-                    k: v.detach().clone() for k, v in self.model.state_dict().items()
+                    k: v.detach().clone() for k, v in selectable.state_dict().items()
                 }
             self._end_epoch(epoch + 1, row, improved, writer)
             if self._stop_requested():
@@ -672,9 +726,11 @@ class _Trainer:
         if not self.cfg.save_model:
             return
         self._save(epoch)
-        if improved:
+        if improved and self.best_state is not None:
             # best.pt is a separate file from the pruned epoch checkpoints: it always survives.
-            save_checkpoint(self.run_dir / "best.pt", self._state(epoch))
+            best = self._state(epoch)
+            best["model"] = self.best_state
+            save_checkpoint(self.run_dir / "best.pt", best)
 
     def _finish(self, epochs_run: int, seconds: float) -> TrainResult:
         if self.best_state is not None:

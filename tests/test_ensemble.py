@@ -1,0 +1,139 @@
+"""Ensembles and test-time shifts: averaging is exact, members must match, errors are one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_resnet import cli, data
+from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from mnist_resnet.config import ConfigError
+from mnist_resnet.ensemble import TTA_SHIFTS, ensemble, predict_proba, shift_images
+from mnist_resnet.evaluate import evaluate
+from mnist_resnet.runtime import make_runtime
+
+
+def reference_shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    out = torch.zeros_like(img)
+    h, w = img.shape[-2:]
+    for y in range(h):
+        for x in range(w):
+            if 0 <= y - dy < h and 0 <= x - dx < w:
+                out[..., y, x] = img[..., y - dy, x - dx]
+    return out
+
+
+@pytest.mark.parametrize("dy,dx", [(0, 0), (1, 0), (-1, 0), (0, 2), (-2, -1)])
+def test_shift_images_moves_content_and_fills_background(dy: int, dx: int) -> None:
+    images = torch.randint(1, 256, (3, 28, 28), dtype=torch.uint8)
+    assert torch.equal(shift_images(images, dy, dx), reference_shift(images, dy, dx))
+
+
+def _variant(src: Path, dst: Path, seed: int, **config_changes: object) -> Path:
+    """A second, different member: the same checkpoint with its classifier re-initialised."""
+    state = load_checkpoint(src)
+    gen = torch.Generator().manual_seed(seed)
+    weights = dict(state["model"])
+    fc = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 2)
+    weights[fc] = weights[fc] + 0.5 * torch.randn(weights[fc].shape, generator=gen)
+    state["model"] = weights
+    for key, value in config_changes.items():
+        state["config"]["data"][key] = value
+    save_checkpoint(dst, state)
+    return dst
+
+
+@pytest.mark.slow
+def test_ensemble_averages_member_probabilities(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path
+) -> None:
+    other = _variant(small_checkpoint, tmp_path / "other.pt", seed=1)
+    result = ensemble([small_checkpoint, other], data_dir=mnist_root, log=lambda _: None)
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    probas = [
+        predict_proba(load_model(p), splits.test_images, runtime) for p in (small_checkpoint, other)
+    ]
+    expected = ((probas[0] + probas[1]) / 2).argmax(1)
+    labels = splits.test_labels.long()
+    assert result.count == 10_000
+    assert result.accuracy == pytest.approx(float((expected == labels).float().mean()))
+    assert [a for _, a in result.members] == pytest.approx(
+        [float((p.argmax(1) == labels).float().mean()) for p in probas]
+    )
+    # One member, no shifts: the same number `evaluate` reports for that checkpoint.
+    alone = ensemble([small_checkpoint], data_dir=mnist_root, log=lambda _: None)
+    loaded = load_model(small_checkpoint)
+    single = evaluate(
+        runtime.prepare_model(loaded.model),
+        splits.test_images,
+        splits.test_labels,
+        mean=loaded.mean,
+        std=loaded.std,
+        runtime=runtime,
+    )
+    assert alone.accuracy == pytest.approx(single.accuracy)
+
+
+def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) -> None:
+    member = load_model(small_checkpoint)
+    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    views = [predict_proba(member, shift_images(images, dy, dx), runtime) for dy, dx in TTA_SHIFTS]
+    got = predict_proba(member, images, runtime, tta=True)
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(16), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_validation_split_is_the_held_out_one(small_checkpoint: Path, mnist_root: Path) -> None:
+    result = ensemble(
+        [small_checkpoint], data_dir=mnist_root, split="validation", log=lambda _: None
+    )
+    assert result.split == "validation"
+    assert result.count == load_model(small_checkpoint).data_config.val_size
+
+
+def test_members_must_be_distinct_and_share_a_dataset(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="listed twice"):
+        ensemble([small_checkpoint, small_checkpoint], data_dir=mnist_root, log=lambda _: None)
+    fashion = _variant(small_checkpoint, tmp_path / "f.pt", seed=2, dataset="fashion-mnist")
+    with pytest.raises(CheckpointError, match="must share a dataset"):
+        ensemble([small_checkpoint, fashion], data_dir=mnist_root, log=lambda _: None)
+    other_split = _variant(small_checkpoint, tmp_path / "s.pt", seed=3, split_seed=7)
+    with pytest.raises(CheckpointError, match="different validation split"):
+        ensemble(
+            [small_checkpoint, other_split],
+            data_dir=mnist_root,
+            split="validation",
+            log=lambda _: None,
+        )
+
+
+@pytest.mark.slow
+def test_cli_ensemble_prints_accuracy_and_writes_json(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = _variant(small_checkpoint, tmp_path / "other.pt", seed=4)
+    out = tmp_path / "ensemble.json"
+    argv = ["ensemble", str(small_checkpoint), str(other), "--data-dir", str(mnist_root)]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("test accuracy: ") and lines[-1].endswith("%")
+    assert "ensemble of 2 models" in lines[-2]
+    saved = json.loads(out.read_text())
+    assert len(saved["members"]) == 2 and saved["count"] == 10_000
+    assert f"{saved['accuracy']:.2%}" in lines[-1]
+
+
+def test_cli_ensemble_bad_input_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["ensemble", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint not found" in err[0]
