@@ -164,15 +164,16 @@ class WeightAverage:
         pairs = list(
             zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
         )
-        self._floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        # Built once: update() runs after every optimizer step.
+        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
+        self._live = [b for a, b in pairs if a.is_floating_point()]
         self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        averaged = [a for a, _ in self._floats]
-        torch._foreach_lerp_(averaged, [b for _, b in self._floats], 1.0 - decay)
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - decay)
         for a, b in self._others:
             a.copy_(b)  # BatchNorm's num_batches_tracked: a counter, not an average
 
