@@ -1,7 +1,7 @@
 """Figures written into run directories: training curves, confusion matrix, misclassified grid.
 
-matplotlib is imported inside each function with the Agg backend, so importing this module
-costs nothing and no display is ever needed.
+matplotlib is imported inside each function, and figures are made without pyplot, so importing
+this module costs nothing and no display is ever needed.
 """
 
 from __future__ import annotations
@@ -24,6 +24,17 @@ def pyplot() -> Any:
     return plt
 
 
+def figure(figsize: tuple[float, float]) -> Any:
+    """A figure that is only ever saved to a file.
+
+    Built without pyplot: importing pyplot costs ~0.7 s of every training run's wall time, and
+    a figure no window shows needs none of its state.
+    """
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def training_curves(metrics_path: Path, out: Path) -> None:
     """Loss (left) and error (right) against epoch from a run's metrics.jsonl."""
     if not metrics_path.exists():
@@ -31,9 +42,9 @@ def training_curves(metrics_path: Path, out: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = figure((10, 4))
+    ax_loss, ax_err = fig.subplots(1, 2)
     for key, label in (("train", "train"), ("val", "validation"), ("test", "test")):
         if f"{key}_loss" in rows[0]:
             ax_loss.plot(epochs, [r[f"{key}_loss"] for r in rows], marker="o", label=label)
@@ -46,13 +57,12 @@ def training_curves(metrics_path: Path, out: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], out: Path) -> None:
-    plt = pyplot()
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig = figure((7, 6))
+    ax = fig.subplots()
     # Log colour scale: the diagonal holds ~1000 and the interesting errors single digits.
     shown = confusion.float().clamp(min=0.5).log10().numpy()
     image = ax.imshow(shown, cmap="Blues")
@@ -68,7 +78,6 @@ def confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], out: P
     fig.colorbar(image, ax=ax, label="log10(count)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def misclassified_grid(
@@ -82,11 +91,11 @@ def misclassified_grid(
 ) -> int:
     """Grid of misclassified images titled `true→predicted`; returns how many are shown."""
     wrong = (predictions != labels).nonzero().flatten()[:limit]
-    plt = pyplot()
     count = len(wrong)
     cols = 10
     rows = max(1, (count + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4), squeeze=False)
+    fig = figure((cols * 1.2, rows * 1.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, wrong.tolist(), strict=False):
@@ -97,5 +106,4 @@ def misclassified_grid(
         axes.flat[0].text(0.5, 0.5, "no misclassified images", ha="center")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return count
