@@ -740,6 +740,39 @@ def test_random_affine() -> None:
     assert moved.shape == x.shape and not torch.allclose(moved, x)
 
 
+def test_elastic_offsets_are_smooth_bounded_and_repeatable() -> None:
+    shape = (32, 1, 28, 28)
+    a = data.elastic_offsets(shape, torch.Generator().manual_seed(0), alpha=34.0, sigma=4.0)
+    b = data.elastic_offsets(shape, torch.Generator().manual_seed(0), alpha=34.0, sigma=4.0)
+    assert a.shape == (32, 28, 28, 2) and torch.equal(a, b)
+    pixels = a * 14  # grid units back to pixels (2/28 per pixel)
+    assert 0.3 < float(pixels.std()) < 3.0  # a stroke bends by about a pixel, not across the digit
+    # Smooth: neighbouring pixels move almost together, unlike the raw noise.
+    step = (pixels[:, 1:] - pixels[:, :-1]).abs().mean()
+    assert float(step) < 0.2 * float(pixels.abs().mean())
+    none = data.elastic_offsets(shape, torch.Generator().manual_seed(0), alpha=0.0, sigma=4.0)
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+def test_elastic_distortion_bends_digits_and_leaves_other_recipes_unchanged() -> None:
+    x = torch.zeros(8, 1, 28, 28)
+    x[:, :, 6:22, 13:15] = 1.0  # a vertical stroke: a "1"
+    g = torch.Generator().manual_seed(0)
+    bent = data.random_affine(x, g, max_degrees=0.0, scale=(1.0, 1.0), elastic=34.0)
+    assert not torch.allclose(bent, x, atol=1e-3)
+    # The stroke bends and locally thins or thickens, but stays a stroke where it was: no ink
+    # lands more than a few pixels from the original column, and most of it survives.
+    ink = bent.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+    assert bool(((ink > 0.5) & (ink < 1.5)).all())
+    cols = torch.nonzero(bent[:, 0] > 0.5, as_tuple=True)[2]
+    assert int(cols.min()) >= 13 - 5 and int(cols.max()) <= 14 + 5
+    # Off, it draws nothing from the generator: older runs replay the same augmentation.
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    data.random_affine(x, g1)
+    torch.rand(2, len(x), generator=g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+
+
 def test_splits_is_frozen(tmp_path: Path, tiny: Tiny) -> None:
     tiny.place(tmp_path / "Tiny" / "raw", compressed=False)
     splits = data.load(tiny.spec, tmp_path, download=False, log=quiet)
@@ -778,8 +811,17 @@ def test_training_batch_applies_what_the_config_asks() -> None:
 
 
 @pytest.mark.parametrize(
-    "field,value", [("rotate", 45.0), ("rotate", -1.0), ("scale", 0.6), ("erase", 29)]
+    "field,value",
+    [
+        ("rotate", 45.0),
+        ("rotate", -1.0),
+        ("scale", 0.6),
+        ("erase", 29),
+        ("elastic", -1.0),
+        ("elastic", 61.0),
+        ("elastic_sigma", 0.5),
+    ],
 )
 def test_augmentation_limits_are_checked(field: str, value: float) -> None:
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=field.replace("_", "-")):
         dataclasses.replace(DataConfig(), **{field: value}).validate()

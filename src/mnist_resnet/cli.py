@@ -72,6 +72,8 @@ DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--rotate", "rotate", "random rotation up to this many degrees (0: off)"),
     ("--scale", "scale", "random zoom by up to this fraction, e.g. 0.1 (0: off)"),
     ("--erase", "erase", "Cutout: side of one blanked square per image, pixels (0: off)"),
+    ("--elastic", "elastic", "elastic distortion strength in pixels, e.g. 34 (0: off)"),
+    ("--elastic-sigma", "elastic_sigma", "smoothness of the elastic distortion, pixels"),
     ("--subset", "subset", "fraction of the training split to use"),
 )
 

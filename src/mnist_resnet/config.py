@@ -41,6 +41,11 @@ class DataConfig:
     scale: float = 0.0
     # Cutout: side in pixels of one blanked square per training image (0 = off).
     erase: int = 0
+    # Elastic distortion (Simard et al. 2003): a random displacement field smoothed by a
+    # Gaussian of `elastic_sigma` pixels and scaled by `elastic` pixels (0 = off). It bends
+    # strokes the way different hands do, which shifts and rotations cannot.
+    elastic: float = 0.0
+    elastic_sigma: float = 4.0
     # Fraction of the training split to use (1.0 = all); small values make fast tests.
     subset: float = 1.0
 
@@ -59,6 +64,12 @@ class DataConfig:
             raise ConfigError(f"--scale must be in [0, 0.5), got {self.scale}")
         if not 0 <= self.erase <= 28:
             raise ConfigError(f"--erase must be between 0 and 28 pixels, got {self.erase}")
+        if not 0.0 <= self.elastic <= 60.0:
+            raise ConfigError(f"--elastic must be between 0 and 60 pixels, got {self.elastic}")
+        if not 1.0 <= self.elastic_sigma <= 10.0:
+            raise ConfigError(
+                f"--elastic-sigma must be between 1 and 10 pixels, got {self.elastic_sigma}"
+            )
         if not 0.0 < self.subset <= 1.0:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset}")
 

@@ -1051,15 +1051,41 @@ def augment_batch(x: Tensor, generator: torch.Generator, max_shift: int, fill: f
     return windows[torch.arange(b, device=x.device), :, dy, dx]
 
 
+def elastic_offsets(
+    shape: Sequence[int], generator: torch.Generator, *, alpha: float, sigma: float
+) -> Tensor:
+    """Random smooth displacement fields (Simard et al. 2003) for a (B,C,H,W) batch.
+
+    Uniform noise in [-1, 1] per pixel and axis, blurred by a Gaussian of `sigma` pixels (two
+    1-D convolutions), scaled by `alpha` pixels. Returned as (B,H,W,2) offsets in grid_sample's
+    [-1, 1] coordinates, ready to add to a sampling grid.
+    """
+    b, _, h, w = shape
+    noise = torch.rand(b * 2, 1, h, w, generator=generator) * 2 - 1
+    radius = math.ceil(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    noise = F.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    noise = F.conv2d(noise, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    pixels = noise.view(b, 2, h, w) * alpha
+    # align_corners=False: one pixel is 2/W (x) or 2/H (y) in grid units.
+    return torch.stack((pixels[:, 0] * (2 / w), pixels[:, 1] * (2 / h)), dim=-1)
+
+
 def random_affine(
     x: Tensor,
     generator: torch.Generator,
     *,
     max_degrees: float = 10.0,
     scale: tuple[float, float] = (0.9, 1.1),
+    elastic: float = 0.0,
+    elastic_sigma: float = 4.0,
     fill: float = 0.0,
 ) -> Tensor:
-    """Small random rotation and scaling of a float (B,C,H,W) batch (bilinear, one grid_sample)."""
+    """Small random rotation and scaling of a float (B,C,H,W) batch, plus an elastic distortion
+    when `elastic` > 0: one bilinear grid_sample for all of it.
+    """
     b = x.shape[0]
     u = torch.rand(2, b, generator=generator).to(x.device, x.dtype)
     angle = (u[0] * 2 - 1) * math.radians(max_degrees)
@@ -1068,6 +1094,10 @@ def random_affine(
     zero = torch.zeros_like(cos)
     theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(b, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if elastic > 0:
+        # Drawn after the affine parameters, so recipes without it keep their random stream.
+        offsets = elastic_offsets(x.shape, generator, alpha=elastic, sigma=elastic_sigma)
+        grid = grid + offsets.to(x.device, grid.dtype)
     out = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + fill
 
@@ -1095,8 +1125,8 @@ def training_batch(
 ) -> Tensor:
     """The float batch the network trains on: augmented as `cfg` says, then standardised.
 
-    Translation runs on uint8 (zero fill is exactly the background); rotation/scaling and
-    Cutout run after standardising, filling with the standardised background value.
+    Translation runs on uint8 (zero fill is exactly the background); rotation/scaling, elastic
+    distortion and Cutout run after standardising, filling with the standardised background value.
     """
     if cfg.augment:
         images_u8 = augment_batch(images_u8, generator, cfg.max_shift)
@@ -1104,12 +1134,14 @@ def training_batch(
     if not cfg.augment:
         return x
     background = -mean / std
-    if cfg.rotate > 0 or cfg.scale > 0:
+    if cfg.rotate > 0 or cfg.scale > 0 or cfg.elastic > 0:
         x = random_affine(
             x,
             generator,
             max_degrees=cfg.rotate,
             scale=(1.0 - cfg.scale, 1.0 + cfg.scale),
+            elastic=cfg.elastic,
+            elastic_sigma=cfg.elastic_sigma,
             fill=background,
         )
     return random_erase(x, generator, cfg.erase, fill=background)
