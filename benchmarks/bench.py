@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 
 from mnist_resnet import data
 from mnist_resnet.config import ModelConfig, TrainConfig, preset
-from mnist_resnet.export import onnx_session
+from mnist_resnet.export import INPUT_NAME, onnx_session, write_onnx_graph
 from mnist_resnet.model import build_model, flops_per_image
 from mnist_resnet.runtime import Runtime, available_cpus
 from mnist_resnet.train import make_optimizer, train_step
@@ -183,19 +182,10 @@ def onnxruntime_eval(preset_model: ModelConfig, batch: int, args: Any) -> float 
     model = build_model(preset_model).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (torch.zeros(2, 1, 28, 28),),
-                str(path),
-                input_names=["image"],
-                dynamic_axes={"image": {0: "batch"}},
-                dynamo=False,
-            )
+        write_onnx_graph(model, path)
         session = onnx_session(path)
     x = torch.randn(batch, 1, 28, 28).numpy()
-    rates = _timed(lambda: session.run(None, {"image": x}), args.window, args.repeats)
+    rates = _timed(lambda: session.run(None, {INPUT_NAME: x}), args.window, args.repeats)
     return statistics.median(rates) * batch
 
 

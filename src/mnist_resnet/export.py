@@ -105,15 +105,15 @@ def _onnx_modules() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def export_onnx(loaded: LoadedModel, path: Path) -> None:
-    onnx, _ = _onnx_modules()
+def write_onnx_graph(model: torch.nn.Module, path: Path) -> None:
+    """The network alone as ONNX (input `image` (N,1,28,28) float32, output `logits`)."""
     example = torch.zeros(2, 1, 28, 28)
     # The TorchScript-based exporter: the torch.export-based one needs onnxscript and takes
     # seconds longer for the same graph; this one is fully offline and exact for a CNN.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            loaded.model,
+            model,
             (example,),
             str(path),
             input_names=[INPUT_NAME],
@@ -122,6 +122,11 @@ def export_onnx(loaded: LoadedModel, path: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> None:
+    onnx, _ = _onnx_modules()
+    write_onnx_graph(loaded.model, path)
     proto = onnx.load(str(path))
     metadata = {
         "preprocessing": json.dumps(preprocessing_contract(loaded)),
