@@ -180,6 +180,60 @@ def test_forward_calls_submodules_in_order() -> None:
     ]  # fmt: skip
 
 
+def test_stem_stride_2_halves_every_stage_without_a_pool() -> None:
+    cfg = ModelConfig(depth=14, stem_stride=2)
+    model = build_model(cfg)
+    assert isinstance(model, ResNet) and model.conv1.stride == (2, 2)
+    assert isinstance(model.stem_pool, nn.Identity)
+    sizes: list[int] = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    model(torch.randn(2, 1, 28, 28))
+    assert sizes == [14, 7, 4]
+    # Same weights as the stride-1 network, a quarter of its convolution work.
+    assert count_parameters(model) == count_parameters(build_model(ModelConfig(depth=14)))
+    assert flops_per_image(model) < flops_per_image(build_model(ModelConfig(depth=14))) / 3.5
+    text = summary(cfg)
+    assert "stride-2 stem" in text and "16x14x14" in text and "64x4x4" in text
+
+
+@pytest.mark.parametrize("pool_before_norm", [False, True])
+def test_pooled_stem_order(pool_before_norm: bool) -> None:
+    cfg = ModelConfig(depth=14, stem_pool=True, pool_before_norm=pool_before_norm)
+    model = build_model(cfg)
+    assert isinstance(model, ResNet)
+    calls: list[tuple[str, int]] = []
+    for name in ("conv1", "stem_pool", "bn1", "layer1"):
+        getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.append((name, o.shape[-1]))
+        )
+    model(torch.randn(2, 1, 28, 28))
+    if pool_before_norm:
+        # BN (and the ReLU after it) see the pooled 14x14 map: a quarter of the work.
+        assert calls == [("conv1", 28), ("stem_pool", 14), ("bn1", 14), ("layer1", 14)]
+    else:
+        assert calls == [("conv1", 28), ("bn1", 28), ("stem_pool", 14), ("layer1", 14)]
+
+
+def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() -> None:
+    # In eval mode with gamma > 0, BN is monotonic per channel, so max-pool commutes with it
+    # (and with ReLU): both orders give the same logits from the same weights.
+    after = build_model(ModelConfig(depth=8, stem_pool=True))
+    _randomise_bn(after)
+    before = build_model(ModelConfig(depth=8, stem_pool=True, pool_before_norm=True))
+    before.load_state_dict(after.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(before.eval()(x), after.eval()(x))
+
+
+def test_stem_stride_must_be_1_or_2() -> None:
+    with pytest.raises(ConfigError, match="--stem-stride must be 1 or 2, got 3"):
+        build_model(ModelConfig(stem_stride=3))
+    with pytest.raises(ConfigError, match="--pool-before-norm only applies with --stem-pool"):
+        build_model(ModelConfig(pool_before_norm=True))
+
+
 # --- shortcut=False: the paper's plain net --------------------------------------------------
 
 

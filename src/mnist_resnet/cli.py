@@ -61,9 +61,11 @@ MODEL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--depth", "depth", "network depth: 6n+2 (plain blocks) or 9n+2 (bottleneck)"),
     ("--block", "block", "plain or bottleneck"),
     ("--width", "width", "width multiplier of the 16/32/64 channel stages"),
+    ("--stem-stride", "stem_stride", "stride of the 3x3 stem conv: 1, or 2 for 4x cheaper stages"),
 )
 MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--stem-pool", "stem_pool", "2x2 max-pool after the stem (4x cheaper stages)"),
+    ("--pool-before-norm", "pool_before_norm", "with --stem-pool: pool before the stem's BN/ReLU"),
 )
 DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--val-size", "val_size", "training images held out for validation"),

@@ -131,16 +131,19 @@ class ResNet(nn.Module):
         in_channels: int = 1,
         num_classes: int = 10,
         stem_pool: bool = False,
+        stem_stride: int = 1,
+        pool_before_norm: bool = False,
     ) -> None:
         super().__init__()
         self.block = block
         self.blocks_per_stage = blocks_per_stage
         self.has_shortcut = shortcut
         stem_channels = _scaled(STAGE_WIDTHS[0], width)
-        self.conv1 = conv3x3(in_channels, stem_channels)
+        self.conv1 = conv3x3(in_channels, stem_channels, stem_stride)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.stem_pool: nn.Module = nn.MaxPool2d(2) if stem_pool else nn.Identity()
+        self.pool_before_norm = pool_before_norm
         channels = stem_channels
         stages = []
         for base, stride in zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True):
@@ -184,9 +187,12 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.conv1(x)
+        if self.pool_before_norm:
+            out = self.stem_pool(out)
         out = self.bn1(out)
         out = self.relu(out)
-        out = self.stem_pool(out)
+        if not self.pool_before_norm:
+            out = self.stem_pool(out)
         out = self.layer1(out)
         out = self.layer2(out)
         out = self.layer3(out)
@@ -242,6 +248,8 @@ def resnet(
     in_channels: int = 1,
     num_classes: int = 10,
     stem_pool: bool = False,
+    stem_stride: int = 1,
+    pool_before_norm: bool = False,
 ) -> ResNet:
     """ResNet of a CIFAR-style depth; raises ConfigError for depths the block cannot reach."""
     n = blocks_per_stage(depth, block)
@@ -254,6 +262,8 @@ def resnet(
         in_channels=in_channels,
         num_classes=num_classes,
         stem_pool=stem_pool,
+        stem_stride=stem_stride,
+        pool_before_norm=pool_before_norm,
     )
 
 
@@ -271,6 +281,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         in_channels=cfg.in_channels,
         num_classes=cfg.num_classes,
         stem_pool=cfg.stem_pool,
+        stem_stride=cfg.stem_stride,
+        pool_before_norm=cfg.pool_before_norm,
     )
 
 
@@ -312,8 +324,10 @@ def describe(cfg: ModelConfig) -> str:
         return "baseline (pytorch/examples MNIST CNN)"
     shortcuts = "on" if cfg.shortcut else "off"
     width = "" if cfg.width == 1.0 else f", width x{cfg.width:g}"
-    pool = ", pooled stem" if cfg.stem_pool else ""
-    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{pool})"
+    stem = ", stride-2 stem" if cfg.stem_stride == 2 else ""
+    if cfg.stem_pool:
+        stem += ", pooled stem (pool, then BN)" if cfg.pool_before_norm else ", pooled stem"
+    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem})"
 
 
 def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
@@ -327,7 +341,7 @@ def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
             ("fc2", _shape(cfg.num_classes), count_parameters(model.fc2)),
         ]
     assert isinstance(model, ResNet)
-    size = IMAGE_SIZE
+    size = _downsample(IMAGE_SIZE, cfg.stem_stride)
     stem = count_parameters(model.conv1) + count_parameters(model.bn1)
     rows = [("stem", _shape(model.conv1.out_channels, size, size), stem)]
     if cfg.stem_pool:
