@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnist_resnet import cli, data
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from mnist_resnet.config import ConfigError
-from mnist_resnet.ensemble import TTA_SHIFTS, ensemble, predict_proba, shift_images
+from mnist_resnet.ensemble import (
+    TTA_SHIFTS,
+    ensemble,
+    predict_proba,
+    select_members,
+    shift_images,
+)
 from mnist_resnet.evaluate import evaluate
 from mnist_resnet.runtime import make_runtime
 
@@ -32,13 +39,13 @@ def test_shift_images_moves_content_and_fills_background(dy: int, dx: int) -> No
     assert torch.equal(shift_images(images, dy, dx), reference_shift(images, dy, dx))
 
 
-def _variant(src: Path, dst: Path, seed: int, **config_changes: object) -> Path:
-    """A second, different member: the same checkpoint with its classifier re-initialised."""
+def _variant(src: Path, dst: Path, seed: int, noise: float = 0.5, **config_changes: object) -> Path:
+    """A second, different member: the same checkpoint with noise added to its classifier."""
     state = load_checkpoint(src)
     gen = torch.Generator().manual_seed(seed)
     weights = dict(state["model"])
     fc = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 2)
-    weights[fc] = weights[fc] + 0.5 * torch.randn(weights[fc].shape, generator=gen)
+    weights[fc] = weights[fc] + noise * torch.randn(weights[fc].shape, generator=gen)
     state["model"] = weights
     for key, value in config_changes.items():
         state["config"]["data"][key] = value
@@ -137,3 +144,58 @@ def test_cli_ensemble_bad_input_is_one_line(
     assert cli.main(["ensemble", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint not found" in err[0]
+    assert cli.main(["ensemble", str(tmp_path / "missing.pt"), "--select", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--select must be >= 0, got -1" in err[0]
+
+
+def _validation_score(paths: list[Path], mnist_root: Path) -> tuple[int, float]:
+    """(errors, loss) of the averaged softmax of `paths` on their validation split."""
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    cfg = load_model(paths[0]).data_config
+    _, _, images, labels = data.split_validation(
+        splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
+    )
+    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    proba = torch.stack([predict_proba(load_model(p), images, runtime) for p in paths]).mean(0)
+    errors = int((proba.argmax(1) != labels.long()).sum())
+    return errors, float(F.nll_loss(proba.clamp_min(1e-12).log(), labels.long()))
+
+
+@pytest.mark.slow
+def test_select_members_is_greedy_on_validation_errors(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path
+) -> None:
+    near = _variant(small_checkpoint, tmp_path / "near.pt", seed=5, noise=0.05)
+    noisy = _variant(small_checkpoint, tmp_path / "noisy.pt", seed=6, noise=0.5)
+    # A classifier drowned in noise: averaging it in can only add validation errors.
+    broken = _variant(small_checkpoint, tmp_path / "broken.pt", seed=7, noise=20.0)
+    pool = [broken, noisy, near, small_checkpoint]
+    quiet = lambda _: None  # noqa: E731
+    chosen = select_members(pool, data_dir=mnist_root, max_members=4, log=quiet)
+    alone = {p: _validation_score([p], mnist_root) for p in pool}
+    assert chosen[0] == min(pool, key=alone.__getitem__)
+    assert broken not in chosen
+    # The search went on through all four, so every model it left out added errors.
+    kept = _validation_score(chosen, mnist_root)[0]
+    for left_out in set(pool) - set(chosen):
+        assert _validation_score([*chosen, left_out], mnist_root)[0] > kept
+    assert select_members(pool, data_dir=mnist_root, max_members=1, log=quiet) == chosen[:1]
+    with pytest.raises(ConfigError, match="--select must be >= 1"):
+        select_members(pool, data_dir=mnist_root, max_members=0, log=quiet)
+
+
+@pytest.mark.slow
+def test_cli_ensemble_select_reports_the_chosen_models_on_the_test_set(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = _variant(small_checkpoint, tmp_path / "broken.pt", seed=8, noise=20.0)
+    out = tmp_path / "ensemble.json"
+    argv = ["ensemble", str(broken), str(small_checkpoint), "--data-dir", str(mnist_root)]
+    assert cli.main([*argv, "--select", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "choosing up to 2 of 2 models on the validation split" in text
+    assert text.strip().splitlines()[-1].startswith("test accuracy: ")
+    saved = json.loads(out.read_text())
+    assert saved["split"] == "test"
+    assert [m["checkpoint"] for m in saved["members"]] == [str(small_checkpoint)]

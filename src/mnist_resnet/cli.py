@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta", action="store_true", help="also average over one-pixel shifts of each image"
     )
     en.add_argument(
+        "--select",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first choose up to N of the checkpoints on the validation split (greedy forward "
+        "selection by validation loss), then report the chosen ensemble (default: use all)",
+    )
+    en.add_argument(
         "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
     )
     en.add_argument(
@@ -405,15 +413,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from mnist_resnet.ensemble import ensemble, write_json
+    from mnist_resnet.ensemble import ensemble, select_members, write_json
 
     if args.test_batch_size < 1:
         raise ConfigError("--test-batch-size must be >= 1")
+    if args.select < 0:
+        raise ConfigError(f"--select must be >= 0, got {args.select}")
+    data_dir = Path(args.data_dir or default_data_dir())
     views = " with test-time shifts" if args.tta else ""
+    checkpoints = args.checkpoints
+    if args.select:
+        print(f"choosing up to {args.select} of {len(checkpoints)} models on the validation split:")
+        checkpoints = select_members(
+            checkpoints,
+            data_dir=data_dir,
+            max_members=args.select,
+            tta=args.tta,
+            batch_size=args.test_batch_size,
+            accel=not args.no_accel,
+        )
     print(f"{args.split} accuracy of each model{views}:")
     result = ensemble(
-        args.checkpoints,
-        data_dir=Path(args.data_dir or default_data_dir()),
+        checkpoints,
+        data_dir=data_dir,
         split=args.split,
         tta=args.tta,
         batch_size=args.test_batch_size,

@@ -2,7 +2,8 @@
 
 Both are judged on any split: `--split validation` re-creates each checkpoint's own held-out
 images from its saved split seed, so whether to ensemble or to use test-time shifts can be
-decided without looking at the test set.
+decided without looking at the test set, and `select_members` picks which checkpoints to
+average from the validation split alone.
 """
 
 from __future__ import annotations
@@ -102,17 +103,8 @@ def _split_images(
     return val_x, val_y
 
 
-def ensemble(
-    checkpoints: Sequence[Path],
-    *,
-    data_dir: Path,
-    split: str = "test",
-    tta: bool = False,
-    batch_size: int = TrainConfig.test_batch_size,
-    accel: bool = True,
-    log: Log = print,
-) -> EnsembleResult:
-    """Average the softmax outputs of `checkpoints` (each over its TTA views) on one split."""
+def _load_members(checkpoints: Sequence[Path], split: str) -> list[LoadedModel]:
+    """Load the checkpoints and check they can be averaged on `split`."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose test or validation")
     if len({p.resolve() for p in checkpoints}) != len(checkpoints):
@@ -133,32 +125,130 @@ def ensemble(
                 f"{path} holds out a different validation split than {checkpoints[0]}; "
                 "compare them on --split test or retrain with the same --val-size/--split-seed"
             )
+    return members
+
+
+def _split_probas(
+    checkpoints: Sequence[Path],
+    *,
+    split: str,
+    data_dir: Path,
+    tta: bool,
+    batch_size: int,
+    accel: bool,
+    log: Log,
+) -> tuple[LoadedModel, list[torch.Tensor], torch.Tensor]:
+    """(first member, each member's softmax on `split`, that split's labels)."""
+    members = _load_members(checkpoints, split)
+    first = members[0]
     splits = data.load(first.data_config.dataset, data_dir, log=log)
     images, labels = _split_images(first, splits, split)
-    labels = labels.long()
     runtime = make_runtime(accel=accel, amp=True, channels_last=True)
-    summed = torch.zeros(len(labels), len(first.class_names))
-    scores = []
+    classes = len(first.class_names)
+    probas = []
     for path, m in zip(checkpoints, members, strict=True):
         proba = predict_proba(m, images, runtime, tta=tta, batch_size=batch_size)
-        if proba.shape != summed.shape:
-            raise CheckpointError(
-                f"{path} predicts {proba.shape[1]} classes, not {summed.shape[1]}"
-            )
+        if proba.shape[1] != classes:
+            raise CheckpointError(f"{path} predicts {proba.shape[1]} classes, not {classes}")
+        probas.append(proba)
+    return first, probas, labels.long()
+
+
+def _nll(proba: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(F.nll_loss(proba.clamp_min(1e-12).log(), labels))
+
+
+def ensemble(
+    checkpoints: Sequence[Path],
+    *,
+    data_dir: Path,
+    split: str = "test",
+    tta: bool = False,
+    batch_size: int = TrainConfig.test_batch_size,
+    accel: bool = True,
+    log: Log = print,
+) -> EnsembleResult:
+    """Average the softmax outputs of `checkpoints` (each over its TTA views) on one split."""
+    first, probas, labels = _split_probas(
+        checkpoints,
+        split=split,
+        data_dir=data_dir,
+        tta=tta,
+        batch_size=batch_size,
+        accel=accel,
+        log=log,
+    )
+    scores = []
+    for path, proba in zip(checkpoints, probas, strict=True):
         acc = float((proba.argmax(1) == labels).float().mean())
         log(f"  {path}: {acc:.2%}")
         scores.append((str(path), acc))
-        summed += proba
-    mean_proba = summed / len(members)
+    mean_proba = torch.stack(probas).mean(0)
     return EnsembleResult(
         dataset=first.data_config.dataset,
         split=split,
         tta=tta,
         members=tuple(scores),
         accuracy=float((mean_proba.argmax(1) == labels).float().mean()),
-        loss=float(F.nll_loss(mean_proba.clamp_min(1e-12).log(), labels)),
+        loss=_nll(mean_proba, labels),
         count=len(labels),
     )
+
+
+def select_members(
+    checkpoints: Sequence[Path],
+    *,
+    data_dir: Path,
+    max_members: int,
+    tta: bool = False,
+    batch_size: int = TrainConfig.test_batch_size,
+    accel: bool = True,
+    log: Log = print,
+) -> list[Path]:
+    """Choose up to `max_members` checkpoints on the validation split only.
+
+    Greedy forward selection (Caruana et al. 2004): start from the checkpoint with the fewest
+    validation errors, repeatedly add the one that leaves the averaged softmax with the fewest,
+    up to `max_members`, then keep the prefix with the fewest errors (ties: the larger ensemble,
+    whose average varies less). Equal error counts are broken by validation loss. The error
+    count decides rather than the loss because label smoothing puts a floor under every
+    model's loss (~0.10 on MNIST), and averaging two confident-but-not-sure models moves it by
+    less than 0.001: the loss stopped this search at 2 of 11 models.
+    """
+    if max_members < 1:
+        raise ConfigError(f"--select must be >= 1, got {max_members}")
+    _, probas, labels = _split_probas(
+        checkpoints,
+        split="validation",
+        data_dir=data_dir,
+        tta=tta,
+        batch_size=batch_size,
+        accel=accel,
+        log=log,
+    )
+
+    def score(total: torch.Tensor) -> tuple[int, float]:
+        # (errors, loss) of the average of the softmax outputs summed in `total`
+        errors = int((total.argmax(1) != labels).sum())
+        return errors, _nll(total / total.sum(1, keepdim=True), labels)
+
+    chosen: list[int] = []
+    scores: list[tuple[int, float]] = []
+    total = torch.zeros_like(probas[0])
+    while len(chosen) < min(max_members, len(probas)):
+        candidates = [i for i in range(len(probas)) if i not in chosen]
+        pick = min(candidates, key=lambda i: (*score(total + probas[i]), i))
+        chosen.append(pick)
+        total += probas[pick]
+        scores.append(score(total))
+        errors, loss = scores[-1]
+        log(
+            f"  + {checkpoints[pick]}: {errors} validation errors ({errors / len(labels):.2%}), "
+            f"loss {loss:.4f}, with {len(chosen)} model{'s' if len(chosen) > 1 else ''}"
+        )
+    keep = min(range(len(chosen)), key=lambda k: (scores[k][0], -k)) + 1
+    log(f"  keeping the first {keep}: the fewest validation errors")
+    return [checkpoints[i] for i in chosen[:keep]]
 
 
 def write_json(result: EnsembleResult, path: Path) -> None:
