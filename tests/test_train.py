@@ -166,6 +166,24 @@ def test_weight_average_follows_the_weights_with_warmup() -> None:
         assert torch.equal(copy.model.state_dict()[k], v)
 
 
+def test_weight_average_decay_is_the_ramp_until_it_reaches_the_setting() -> None:
+    # min(decay, (1+n)/(10+n)): 0.999 and 0.9995 give the same average for the first ~9,000
+    # steps, and 0.99 takes over from the ramp at step 891.
+    model = build_model(ModelConfig(depth=8))
+    slow, slower, fast = (WeightAverage(model, decay=d) for d in (0.999, 0.9995, 0.5))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        for average in (slow, slower, fast):
+            average.update()
+    for k, v in slow.model.state_dict().items():
+        assert torch.equal(slower.model.state_dict()[k], v)
+    # A decay of 0.5 is below the ramp from step 8 on: there the setting wins.
+    assert not torch.equal(fast.model.fc.weight, slow.model.fc.weight)
+
+
 @pytest.mark.slow
 def test_ema_and_augmentation_run_resumes_exactly_and_selects_the_average(
     mnist_root: Path, tmp_path: Path

@@ -40,7 +40,12 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--threads", "threads", "CPU threads (0: one per available core)"),
     ("--patience", "patience", "stop after this many epochs without validation gain (0: off)"),
     ("--grad-clip", "grad_clip", "clip the gradient norm to this value (0: off)"),
-    ("--ema-decay", "ema_decay", "average the weights with this decay, e.g. 0.999 (0: off)"),
+    (
+        "--ema-decay",
+        "ema_decay",
+        "average the weights with this decay, e.g. 0.999, reached after ~9/(1-DECAY) steps "
+        "(0: off)",
+    ),
     ("--keep-last", "keep_last", "epoch checkpoints to keep besides best.pt"),
     ("--checkpoint-steps", "checkpoint_steps", "also checkpoint every N steps (0: per epoch)"),
     ("--runs-dir", "runs_dir", "folder that holds run directories"),

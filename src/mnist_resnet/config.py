@@ -167,7 +167,10 @@ class TrainConfig:
     eval_test_every_epoch: bool = False
     grad_clip: float = 0.0
     # Exponential moving average of the weights (0 = off). When on, the averaged weights are
-    # the ones validated, selected and saved to best.pt.
+    # the ones validated, selected and saved to best.pt. The decay ramps up as (1+n)/(10+n)
+    # after n steps and only reaches `ema_decay` after about 9 / (1 - ema_decay) steps: 9,000
+    # for 0.999, more than the `best` recipe's 6,450, which therefore ends at 0.9986 and gives
+    # the same weights with 0.9995 (measured: identical metrics, seed 1).
     ema_decay: float = 0.0
     # Skip (instead of stopping at) a step whose loss is NaN or infinite.
     skip_nonfinite: bool = False
