@@ -424,28 +424,20 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         raise ConfigError("--test-batch-size must be >= 1")
     if args.select < 0:
         raise ConfigError(f"--select must be >= 0, got {args.select}")
-    data_dir = Path(args.data_dir or default_data_dir())
+    # The same data, views and batching for choosing the members and for reporting them.
+    options: dict[str, Any] = {
+        "data_dir": Path(args.data_dir or default_data_dir()),
+        "tta": args.tta,
+        "batch_size": args.test_batch_size,
+        "accel": not args.no_accel,
+    }
     views = " with test-time shifts" if args.tta else ""
     checkpoints = args.checkpoints
     if args.select:
         print(f"choosing up to {args.select} of {len(checkpoints)} models on the validation split:")
-        checkpoints = select_members(
-            checkpoints,
-            data_dir=data_dir,
-            max_members=args.select,
-            tta=args.tta,
-            batch_size=args.test_batch_size,
-            accel=not args.no_accel,
-        )
+        checkpoints = select_members(checkpoints, max_members=args.select, **options)
     print(f"{args.split} accuracy of each model{views}:")
-    result = ensemble(
-        checkpoints,
-        data_dir=data_dir,
-        split=args.split,
-        tta=args.tta,
-        batch_size=args.test_batch_size,
-        accel=not args.no_accel,
-    )
+    result = ensemble(checkpoints, split=args.split, **options)
     if args.json is not None:
         write_json(result, args.json)
     n = len(result.members)
