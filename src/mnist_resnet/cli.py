@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="first choose up to N of the checkpoints on the validation split (greedy forward "
-        "selection by validation loss), then report the chosen ensemble (default: use all)",
+        "selection by validation errors), then report the chosen ensemble (default: use all)",
     )
     en.add_argument(
         "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
