@@ -13,7 +13,7 @@ from PIL import Image
 from mnist_resnet import data
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
-pytest.importorskip("httpx", reason="httpx (FastAPI's test client) is not installed")
+pytest.importorskip("httpx2", reason="httpx2 (Starlette's test client) is not installed")
 from fastapi.testclient import TestClient
 
 from mnist_resnet.serve import MAX_BODY_BYTES, create_app
