@@ -182,6 +182,11 @@ def test_weight_average_decay_is_the_ramp_until_it_reaches_the_setting() -> None
         assert torch.equal(slower.model.state_dict()[k], v)
     # A decay of 0.5 is below the ramp from step 8 on: there the setting wins.
     assert not torch.equal(fast.model.fc.weight, slow.model.fc.weight)
+    # Where the ramp meets the setting: the trainer's note on short runs quotes these.
+    assert slow.steps_to_reach_decay() == 8990
+    assert slow.decay_at(8989) < 0.999 <= slow.decay_at(8990) == 0.999
+    assert slow.decay_at(6450) == pytest.approx(0.99861, abs=1e-5)  # the `best` recipe's end
+    assert fast.steps_to_reach_decay() == 8 and fast.decay_at(8) == 0.5
 
 
 @pytest.mark.slow
@@ -199,7 +204,11 @@ def test_ema_and_augmentation_run_resumes_exactly_and_selects_the_average(
             dataclasses.replace(data_cfg, rotate=10.0, scale=0.1, erase=6, elastic=20.0),
         )
 
-    full = train(*configs("full"), log=lambda _: None)
+    lines: list[str] = []
+    full = train(*configs("full"), log=lines.append)
+    # 2 epochs x 25 steps: shorter than the 80 steps the ramp needs to reach 0.9, and it says so.
+    note = "reaches --ema-decay 0.9 after 80 steps; this run has 50, so its last update uses 0.8500"
+    assert any(note in line for line in lines)
 
     def die_at_epoch_two(line: str) -> None:
         if line.startswith("epoch 2/"):

@@ -169,10 +169,21 @@ class WeightAverage:
         self._live = [b for a, b in pairs if a.is_floating_point()]
         self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
 
+    def decay_at(self, updates: int) -> float:
+        """The decay the `updates`-th update uses."""
+        return min(self.decay, (1 + updates) / (10 + updates))
+
+    def steps_to_reach_decay(self) -> int:
+        """The first update whose ramp (1+n)/(10+n) reaches the set decay: n >= (10d-1)/(1-d)."""
+        n = max(1, math.floor((10 * self.decay - 1) / (1 - self.decay)) - 1)
+        while self.decay_at(n) < self.decay:  # the float formula can be off by one either way
+            n += 1
+        return n
+
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = self.decay_at(self.updates)
         torch._foreach_lerp_(self._averaged, self._live, 1.0 - decay)
         for a, b in self._others:
             a.copy_(b)  # BatchNorm's num_batches_tracked: a counter, not an average
@@ -387,6 +398,8 @@ class _Trainer:
         self.average = (
             WeightAverage(self.model, train_cfg.ema_decay) if train_cfg.ema_decay else None
         )
+        if self.average is not None:
+            self._note_short_average(self.average, train_cfg.epochs * self.steps_per_epoch)
         if train_cfg.save_model:
             # Weights plus SGD momentum, in fp32: the bulk of a checkpoint's size.
             size = 2 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
@@ -398,6 +411,17 @@ class _Trainer:
         self.stop = _StopRequests(log)
         if resume_state is not None:
             self._restore(resume_state)
+
+    def _note_short_average(self, average: WeightAverage, total_steps: int) -> None:
+        # The ramp, not --ema-decay, sets the average of a run shorter than the ramp: say so,
+        # since otherwise two different settings silently train the same weights.
+        needed = average.steps_to_reach_decay()
+        if total_steps < needed:
+            self.log(
+                f"note: the weight average's decay ramps up as (1+n)/(10+n) and reaches "
+                f"--ema-decay {average.decay} after {needed:,} steps; this run has "
+                f"{total_steps:,}, so its last update uses {average.decay_at(total_steps):.4f}"
+            )
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("data_hashes") != self.data.hashes:
