@@ -42,6 +42,13 @@ def test_round_trip_and_model_rebuild(tmp_path: Path) -> None:
     assert loaded.mean == pytest.approx(0.1307)
     out = loaded.model(torch.zeros(2, 1, 28, 28))
     assert out.shape == (2, 10)
+    # Loaded for inference: batch norms folded, same eval logits as the saved weights give.
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.model.modules())
+    saved = build_model(loaded.model_config)
+    saved.load_state_dict(loaded.state["model"])
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), saved.eval()(x))
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp files left
 
 

@@ -16,6 +16,7 @@ from mnist_resnet.model import (
     build_model,
     count_parameters,
     flops_per_image,
+    fold_batchnorm,
     resnet,
     summary,
 )
@@ -225,6 +226,40 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(before.eval()(x), after.eval()(x))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(depth=14),
+        ModelConfig(depth=20, width=0.5, shortcut=False),
+        ModelConfig(block="bottleneck", depth=29),
+        ModelConfig(depth=8, stem_pool=True),
+        ModelConfig(depth=8, stem_pool=True, pool_before_norm=True),
+        ModelConfig(arch="baseline"),
+    ],
+    ids=["resnet14", "plain20", "bottleneck29", "pooled-stem", "pool-before-norm", "baseline"],
+)
+def test_fold_batchnorm_keeps_eval_logits_and_removes_every_foldable_norm(
+    cfg: ModelConfig,
+) -> None:
+    model = build_model(cfg)
+    _randomise_bn(model)
+    for m in model.modules():  # negative scales too: the stem's pool must then keep its BN
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, -1.5, 1.5)
+    folded = build_model(cfg)
+    folded.load_state_dict(model.state_dict())
+    assert fold_batchnorm(folded) is folded and not folded.training
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    norms = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    # Only the stem norm behind a max-pool stays: pool and BN commute only for positive scales.
+    assert norms == (["bn1"] if cfg.pool_before_norm else [])
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    if cfg.arch == "resnet":
+        assert sum(c.bias is not None for c in convs) == len(convs) - cfg.pool_before_norm
 
 
 def test_stem_stride_must_be_1_or_2() -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mnist_resnet.config import DataConfig, ModelConfig, from_dict
-from mnist_resnet.model import build_model
+from mnist_resnet.model import build_model, fold_batchnorm
 
 FORMAT = "mnist-resnet"
 FORMAT_VERSION = 1
@@ -141,7 +141,11 @@ class LoadedModel:
 
 
 def load_model(path: Path | str) -> LoadedModel:
-    """Rebuild the model stored in a checkpoint from its saved config, in eval mode on the CPU."""
+    """Rebuild a checkpoint's model from its saved config, for inference on the CPU.
+
+    The model is in eval mode with its batch norms folded into their convs; the trained
+    weights as saved stay in `LoadedModel.state["model"]`.
+    """
     state = load_checkpoint(path)
     config = state["config"]
     model_cfg = from_dict(ModelConfig, config["model"])
@@ -150,7 +154,8 @@ def load_model(path: Path | str) -> LoadedModel:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved model config") from e
-    model.eval()
+    # Loaded models only predict (evaluate, ensemble, predict, serve, export): fold batch norms.
+    fold_batchnorm(model)
     norm = state.get("normalization", {})
     return LoadedModel(
         model=model,
