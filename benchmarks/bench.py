@@ -127,8 +127,9 @@ def throughput(
             net(runtime.prepare_input(xe))
 
     forward.eval()
-    # What evaluate/predict/serve run: the loaded model with its batch norms folded. Windows
-    # alternate between the two so that the machine's drift falls on both alike.
+    # What evaluate/predict/serve run: the loaded model with its batch norms folded, eager
+    # even in the compile variant. Windows alternate between the two so that the machine's
+    # drift falls on both alike.
     folded = runtime.prepare_model(fold_batchnorm(copy.deepcopy(model)))
     eval_rates: list[float] = []
     folded_rates: list[float] = []
