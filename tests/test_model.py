@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,6 +200,32 @@ def test_stem_stride_2_halves_every_stage_without_a_pool() -> None:
     assert "stride-2 stem" in text and "16x14x14" in text and "64x4x4" in text
 
 
+def test_unshuffled_stem_runs_every_stage_at_a_quarter_of_the_pixels() -> None:
+    cfg = ModelConfig(depth=14, stem_unshuffle=True)
+    model = build_model(cfg)
+    assert isinstance(model, ResNet) and model.conv1.in_channels == 4
+    assert model.conv1.stride == (1, 1) and isinstance(model.stem_pool, nn.Identity)
+    sizes: list[int] = []
+    for module in (model.conv1, *model.stages):
+        module.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    x = torch.randn(2, 1, 28, 28, requires_grad=True)
+    model(x)[:, 3].sum().backward()
+    assert sizes == [14, 14, 7, 4]  # the stem conv never builds a 28x28 map
+    # Unlike a pool, nothing is thrown away: every input pixel reaches the logits.
+    assert x.grad is not None and bool((x.grad != 0).all())
+    assert flops_per_image(model) < flops_per_image(build_model(ModelConfig(depth=14))) / 3.5
+    text = summary(cfg)
+    assert "unshuffled stem" in text and "16x14x14" in text and "64x4x4" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"stem_pool": True}, {"stem_stride": 2}], ids=["with-pool", "with-stride-2"]
+)
+def test_unshuffled_stem_rejects_a_second_downsampling(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="--stem-unshuffle already quarters the pixels"):
+        ModelConfig(depth=14, stem_unshuffle=True, **kwargs).validate()
+
+
 @pytest.mark.parametrize("pool_before_norm", [False, True])
 def test_pooled_stem_order(pool_before_norm: bool) -> None:
     cfg = ModelConfig(depth=14, stem_pool=True, pool_before_norm=pool_before_norm)
@@ -236,9 +264,18 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
         ModelConfig(block="bottleneck", depth=29),
         ModelConfig(depth=8, stem_pool=True),
         ModelConfig(depth=8, stem_pool=True, pool_before_norm=True),
+        ModelConfig(depth=8, stem_unshuffle=True),
         ModelConfig(arch="baseline"),
     ],
-    ids=["resnet14", "plain20", "bottleneck29", "pooled-stem", "pool-before-norm", "baseline"],
+    ids=[
+        "resnet14",
+        "plain20",
+        "bottleneck29",
+        "pooled-stem",
+        "pool-before-norm",
+        "unshuffled-stem",
+        "baseline",
+    ],
 )
 def test_fold_batchnorm_keeps_eval_logits_and_removes_every_foldable_norm(
     cfg: ModelConfig,

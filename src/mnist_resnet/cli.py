@@ -71,6 +71,7 @@ MODEL_FLAGS: tuple[tuple[str, str, str], ...] = (
 MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--stem-pool", "stem_pool", "2x2 max-pool after the stem (4x cheaper stages)"),
     ("--pool-before-norm", "pool_before_norm", "with --stem-pool: pool before the stem's BN/ReLU"),
+    ("--stem-unshuffle", "stem_unshuffle", "2x2 pixels to 4 channels before the stem (14x14)"),
 )
 DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--val-size", "val_size", "training images held out for validation"),

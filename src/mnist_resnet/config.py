@@ -114,6 +114,11 @@ class ModelConfig:
     # the pool it never computes, normalises or stores the full 28x28 map: the pooled stem spent
     # a quarter of each training step on that map (torch.profiler, fast network, batch 256).
     stem_stride: int = 1
+    # Rearrange each 2x2 block of pixels into 4 channels (pixel unshuffle, "space to depth")
+    # before the stem conv: every stage gets a quarter of the pixels, like the pooled stem,
+    # but no 28x28 map is ever built, and each stem output sees a 6x6 patch of the image
+    # (a stride-2 3x3 conv: 3x3), with nothing discarded by a pool.
+    stem_unshuffle: bool = False
 
     def validate(self) -> None:
         if self.arch not in ("resnet", "baseline"):
@@ -126,6 +131,10 @@ class ModelConfig:
             raise ConfigError(f"--stem-stride must be 1 or 2, got {self.stem_stride}")
         if self.pool_before_norm and not self.stem_pool:
             raise ConfigError("--pool-before-norm only applies with --stem-pool")
+        if self.stem_unshuffle and (self.stem_pool or self.stem_stride != 1):
+            raise ConfigError(
+                "--stem-unshuffle already quarters the pixels: drop --stem-pool / --stem-stride 2"
+            )
         if self.in_channels < 1 or self.num_classes < 2:
             raise ConfigError("in_channels must be >= 1 and num_classes >= 2")
 

@@ -118,7 +118,8 @@ class ResNet(nn.Module):
 
     A 3x3 stride-1 stem and no max-pool, because a 28x28 image has no resolution to spare;
     `stem_pool=True` adds a 2x2 max-pool after the stem for speed recipes (every stage then runs
-    on a quarter of the pixels).
+    on a quarter of the pixels); `stem_stride=2` and `stem_unshuffle=True` (2x2 pixels become 4
+    channels before the stem conv) get there without ever building a 28x28 map.
     """
 
     def __init__(
@@ -134,13 +135,16 @@ class ResNet(nn.Module):
         stem_pool: bool = False,
         stem_stride: int = 1,
         pool_before_norm: bool = False,
+        stem_unshuffle: bool = False,
     ) -> None:
         super().__init__()
         self.block = block
         self.blocks_per_stage = blocks_per_stage
         self.has_shortcut = shortcut
         stem_channels = _scaled(STAGE_WIDTHS[0], width)
-        self.conv1 = conv3x3(in_channels, stem_channels, stem_stride)
+        self.unshuffle: nn.Module = nn.PixelUnshuffle(2) if stem_unshuffle else nn.Identity()
+        stem_inputs = in_channels * 4 if stem_unshuffle else in_channels
+        self.conv1 = conv3x3(stem_inputs, stem_channels, stem_stride)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
         self.stem_pool: nn.Module = nn.MaxPool2d(2) if stem_pool else nn.Identity()
@@ -187,7 +191,7 @@ class ResNet(nn.Module):
         return (self.layer1, self.layer2, self.layer3)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.conv1(x)
+        out: Tensor = self.conv1(self.unshuffle(x))
         if self.pool_before_norm:
             out = self.stem_pool(out)
         out = self.bn1(out)
@@ -251,6 +255,7 @@ def resnet(
     stem_pool: bool = False,
     stem_stride: int = 1,
     pool_before_norm: bool = False,
+    stem_unshuffle: bool = False,
 ) -> ResNet:
     """ResNet of a CIFAR-style depth; raises ConfigError for depths the block cannot reach."""
     n = blocks_per_stage(depth, block)
@@ -265,6 +270,7 @@ def resnet(
         stem_pool=stem_pool,
         stem_stride=stem_stride,
         pool_before_norm=pool_before_norm,
+        stem_unshuffle=stem_unshuffle,
     )
 
 
@@ -284,6 +290,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         stem_pool=cfg.stem_pool,
         stem_stride=cfg.stem_stride,
         pool_before_norm=cfg.pool_before_norm,
+        stem_unshuffle=cfg.stem_unshuffle,
     )
 
 
@@ -366,6 +373,8 @@ def describe(cfg: ModelConfig) -> str:
     shortcuts = "on" if cfg.shortcut else "off"
     width = "" if cfg.width == 1.0 else f", width x{cfg.width:g}"
     stem = ", stride-2 stem" if cfg.stem_stride == 2 else ""
+    if cfg.stem_unshuffle:
+        stem = ", unshuffled stem"
     if cfg.stem_pool:
         stem += ", pooled stem (pool, then BN)" if cfg.pool_before_norm else ", pooled stem"
     return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem})"
@@ -382,7 +391,7 @@ def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
             ("fc2", _shape(cfg.num_classes), count_parameters(model.fc2)),
         ]
     assert isinstance(model, ResNet)
-    size = _downsample(IMAGE_SIZE, cfg.stem_stride)
+    size = _downsample(IMAGE_SIZE // 2 if cfg.stem_unshuffle else IMAGE_SIZE, cfg.stem_stride)
     stem = count_parameters(model.conv1) + count_parameters(model.bn1)
     rows = [("stem", _shape(model.conv1.out_channels, size, size), stem)]
     if cfg.stem_pool:
