@@ -7,8 +7,11 @@ training step and evaluation use the same precision and memory layout without re
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -74,7 +77,44 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+# glibc's mallopt parameters (malloc.h) and the environment variables that set them.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+_KEEP_BYTES = 1 << 30
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
+
+    Every training step frees and re-allocates the same activation buffers (megabytes each).
+    By default glibc serves large ones with mmap or trims them off the heap when freed, so each
+    step faults fresh zeroed pages back in: about 900,000 minor page faults in 12 s of `fast`
+    training here. With both thresholds raised the buffers stay in the heap (3,700 faults)
+    and the same training step ran 1.1-1.2x faster, measured side by side. Memory the process
+    has used stays mapped until it exits. Does nothing where the C library is not glibc, or
+    when the user already set MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_; returns whether
+    both settings took.
+    """
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl's mallopt is a stub
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Both or neither: setting the trim threshold alone also switches off glibc's adaptive
+    # mmap threshold, and large buffers then go through mmap every time (measured: 4 million
+    # faults in the same 12 s, half the speed).
+    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+    )
+
+
 def make_runtime(*, accel: bool, amp: bool, channels_last: bool) -> Runtime:
+    """The device, precision and layout to run on; also keeps freed host memory for reuse."""
+    retain_freed_memory()
     device = select_device(accel)
     fast_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
         device.type == "cpu" and cpu_has_fast_bf16()
