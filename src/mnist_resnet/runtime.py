@@ -1,4 +1,4 @@
-"""Where and how tensors run: device choice, thread count, and the one autocast decision.
+"""Where and how tensors run: device, thread count, the one autocast decision, host memory reuse.
 
 Everything that depends on the hardware is decided here once and carried in a `Runtime`, so the
 training step and evaluation use the same precision and memory layout without re-deciding.
