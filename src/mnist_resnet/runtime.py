@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -95,14 +93,15 @@ def retain_freed_memory() -> bool:
     when the user already set MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_; returns whether
     both settings took.
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_ENV):
+    if any(name in os.environ for name in _MALLOC_ENV):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only: musl's mallopt is a stub
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        # glibc only: macOS and Windows have no such setting, musl's mallopt is a stub.
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (AttributeError, ValueError, OSError):
         return False
+    mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Both or neither: setting the trim threshold alone also switches off glibc's adaptive
     # mmap threshold, and large buffers then go through mmap every time (measured: 4 million
