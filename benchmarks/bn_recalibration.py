@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     totals = [0, 0, 0]
     count = 0
     for path in args.checkpoints:
-        member = load_model(path)
+        member = load_model(path, fold=False)  # its batch norms are the subject
         cfg = member.data_config
         splits = data.load(cfg.dataset, args.data_dir, log=lambda _: None)
         train_x, _, val_x, val_y = data.split_validation(

@@ -12,6 +12,7 @@ and prints the medians, their ratio and the largest logit difference.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from mnist_resnet import data
 from mnist_resnet.checkpoint import load_model
 from mnist_resnet.evaluate import predict_logits
-from mnist_resnet.model import build_model
+from mnist_resnet.model import fold_batchnorm
 from mnist_resnet.runtime import configure_threads, make_runtime
 
 
@@ -35,12 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(0)
     runtime = make_runtime(accel=False, amp=False, channels_last=True)
     for path in args.checkpoints:
-        loaded = load_model(path)  # folded
-        unfolded = build_model(loaded.model_config)
-        unfolded.load_state_dict(loaded.state["model"])
+        loaded = load_model(path, fold=False)
         models = {
-            "unfolded": runtime.prepare_model(unfolded.eval()),
-            "folded": runtime.prepare_model(loaded.model),
+            "unfolded": runtime.prepare_model(loaded.model),
+            "folded": runtime.prepare_model(fold_batchnorm(copy.deepcopy(loaded.model))),
         }
         images = data.load(loaded.data_config.dataset, args.data_dir, log=lambda _: None)
         test = images.test_images

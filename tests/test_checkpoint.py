@@ -50,6 +50,12 @@ def test_round_trip_and_model_rebuild(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), saved.eval()(x))
     assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp files left
+    # fold=False keeps the batch norms (e.g. to re-estimate their statistics), in eval mode.
+    unfolded = load_model(path, fold=False).model
+    assert not unfolded.training
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in unfolded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(unfolded(x), saved(x))
 
 
 def test_truncated_file_is_one_line_error(tmp_path: Path) -> None:

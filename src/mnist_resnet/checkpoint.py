@@ -140,11 +140,12 @@ class LoadedModel:
     class_names: tuple[str, ...]
 
 
-def load_model(path: Path | str) -> LoadedModel:
+def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
     """Rebuild a checkpoint's model from its saved config, for inference on the CPU.
 
-    The model is in eval mode with its batch norms folded into their convs; the trained
-    weights as saved stay in `LoadedModel.state["model"]`.
+    The model is in eval mode with its batch norms folded into their convs (`fold=False`
+    keeps them, for code that still needs them, e.g. to re-estimate their statistics); the
+    trained weights as saved stay in `LoadedModel.state["model"]`.
     """
     state = load_checkpoint(path)
     config = state["config"]
@@ -155,7 +156,10 @@ def load_model(path: Path | str) -> LoadedModel:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved model config") from e
     # Loaded models only predict (evaluate, ensemble, predict, serve, export): fold batch norms.
-    fold_batchnorm(model)
+    if fold:
+        fold_batchnorm(model)
+    else:
+        model.eval()
     norm = state.get("normalization", {})
     return LoadedModel(
         model=model,
