@@ -37,7 +37,7 @@ from mnist_resnet.config import (
     to_dict,
 )
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
-from mnist_resnet.model import build_model, describe
+from mnist_resnet.model import build_model, describe, fold_batchnorm
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
 
 Log = Callable[[str], None]
@@ -545,6 +545,10 @@ class _Trainer:
         self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
     ) -> EvalResult:
         model = self.eval_forward if model is None else model
+        if not self.dist.enabled and not self.cfg.compile:
+            # Judged through a copy with its batch norms folded, the form `evaluate`, `predict`
+            # and `serve` load (logits within 1e-5); evaluation runs 1.1-1.4x faster (README).
+            model = self.runtime.prepare_model(fold_batchnorm(copy.deepcopy(model)))
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
         if self.dist.enabled:
