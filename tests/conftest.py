@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from mnist_resnet.evaluate import EvalResult
 
 SHARED_MNIST_ENV = "MNIST_RESNET_SHARED_MNIST"
 MNIST_GZ = (
@@ -57,3 +62,28 @@ def small_checkpoint(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory)
         log=lambda _: None,
     )
     return Path(result.run_dir) / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
+    """What `mnist-resnet evaluate` computes for a checkpoint: its folded model on the test set."""
+    from mnist_resnet import data
+    from mnist_resnet.checkpoint import load_model
+    from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.runtime import make_runtime
+
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+
+    def run(checkpoint: Path) -> EvalResult:
+        loaded = load_model(checkpoint)
+        return evaluate(
+            runtime.prepare_model(loaded.model),
+            splits.test_images,
+            splits.test_labels,
+            mean=loaded.mean,
+            std=loaded.std,
+            runtime=runtime,
+        )
+
+    return run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mnist_resnet.ensemble import (
     select_members,
     shift_images,
 )
-from mnist_resnet.evaluate import evaluate
+from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.runtime import make_runtime
 
 
@@ -55,7 +56,10 @@ def _variant(src: Path, dst: Path, seed: int, noise: float = 0.5, **config_chang
 
 @pytest.mark.slow
 def test_ensemble_averages_member_probabilities(
-    small_checkpoint: Path, mnist_root: Path, tmp_path: Path
+    small_checkpoint: Path,
+    mnist_root: Path,
+    tmp_path: Path,
+    evaluate_saved: Callable[[Path], EvalResult],
 ) -> None:
     other = _variant(small_checkpoint, tmp_path / "other.pt", seed=1)
     result = ensemble([small_checkpoint, other], data_dir=mnist_root, log=lambda _: None)
@@ -73,16 +77,7 @@ def test_ensemble_averages_member_probabilities(
     )
     # One member, no shifts: the same number `evaluate` reports for that checkpoint.
     alone = ensemble([small_checkpoint], data_dir=mnist_root, log=lambda _: None)
-    loaded = load_model(small_checkpoint)
-    single = evaluate(
-        runtime.prepare_model(loaded.model),
-        splits.test_images,
-        splits.test_labels,
-        mean=loaded.mean,
-        std=loaded.std,
-        runtime=runtime,
-    )
-    assert alone.accuracy == pytest.approx(single.accuracy)
+    assert alone.accuracy == pytest.approx(evaluate_saved(small_checkpoint).accuracy)
 
 
 def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) -> None:

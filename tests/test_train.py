@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from mnist_resnet import data
-from mnist_resnet.checkpoint import load_model
 from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
-from mnist_resnet.evaluate import evaluate
+from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.model import build_model
 from mnist_resnet.runtime import make_runtime
 from mnist_resnet.train import (
@@ -77,7 +76,9 @@ def _small_run(
 
 
 @pytest.mark.slow
-def test_two_epochs_on_a_real_subset_learn_digits(mnist_root: Path, tmp_path: Path) -> None:
+def test_two_epochs_on_a_real_subset_learn_digits(
+    mnist_root: Path, tmp_path: Path, evaluate_saved: Callable[[Path], EvalResult]
+) -> None:
     cfgs = _small_run(mnist_root, tmp_path, name="run", eval_test_every_epoch=True)
     result = train(*cfgs, log=lambda _: None)
     assert result.test.accuracy > 0.9  # 10% chance; ~91-95% after 50 steps on 3.3k images
@@ -97,18 +98,7 @@ def test_two_epochs_on_a_real_subset_learn_digits(mnist_root: Path, tmp_path: Pa
     # The trainer judges through a copy with folded batch norms, the form `evaluate` loads
     # best.pt in: the same probabilities to the last bit (unfolded ones differ by ~1e-7), while
     # the trained model itself keeps its batch norms.
-    loaded = load_model(run / "best.pt")
-    runtime = make_runtime(accel=False, amp=True, channels_last=True)
-    splits = data.load("mnist", mnist_root)
-    again = evaluate(
-        runtime.prepare_model(loaded.model),
-        splits.test_images,
-        splits.test_labels,
-        mean=loaded.mean,
-        std=loaded.std,
-        runtime=runtime,
-    )
-    assert torch.equal(again.probabilities, result.test.probabilities)
+    assert torch.equal(evaluate_saved(run / "best.pt").probabilities, result.test.probabilities)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
 
 
