@@ -289,6 +289,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.window, args.repeats, args.no_compile = 1, 1.0, 1, True
+    if args.recipes:
+        # The timed runs start from the cache, like the "whole process"; on a fresh clone
+        # the first run would otherwise also pay for fetching and verifying MNIST (2026-11-28:
+        # `fast` seed 1 took 49.8 s and peaked at 834 MB that way, seeds 2-3 582-605 MB).
+        try:
+            data.fetch("mnist", args.data_dir)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}") from None
     torch.set_num_threads(available_cpus())
     # What every mnist-resnet command does (make_runtime), so the throughput rows measure it.
     retain_freed_memory()
