@@ -4,9 +4,10 @@ import os
 import sys
 
 from mnist_resnet.cli import main
+from mnist_resnet.distributed import env_from_os
 
 code = main()
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+if env_from_os().enabled:
     # A torchrun worker leaves without the interpreter's teardown. Its results are written and
     # its process group destroyed by now, but tearing down torch's C++ state at exit aborted
     # now and then ("terminate called without an active exception": 1 `train --nproc 2` run in
