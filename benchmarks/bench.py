@@ -18,7 +18,6 @@ memory is the child's own max RSS.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import importlib.util
 import json
@@ -38,7 +37,7 @@ import torch
 from mnist_resnet import data
 from mnist_resnet.config import ModelConfig, TrainConfig, preset
 from mnist_resnet.export import INPUT_NAME, onnx_session, write_onnx_graph
-from mnist_resnet.model import build_model, flops_per_image, fold_batchnorm
+from mnist_resnet.model import build_model, flops_per_image, folded_copy
 from mnist_resnet.runtime import Runtime, available_cpus, retain_freed_memory
 from mnist_resnet.train import make_optimizer, train_step
 
@@ -130,7 +129,7 @@ def throughput(
     # What evaluate/predict/serve run: the loaded model with its batch norms folded (compiled
     # as well in the compile variant; the first, untimed call of each window absorbs the
     # compile). Windows alternate between the two so that the machine's drift falls on both.
-    folded = runtime.prepare_model(fold_batchnorm(copy.deepcopy(model)))
+    folded = runtime.prepare_model(folded_copy(model))
     if compile:
         folded = torch.compile(folded)  # type: ignore[assignment]
     eval_rates: list[float] = []

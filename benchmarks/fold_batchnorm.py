@@ -12,7 +12,6 @@ and prints the medians, their ratio and the largest logit difference.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 from mnist_resnet import data
 from mnist_resnet.checkpoint import load_model
 from mnist_resnet.evaluate import predict_logits
-from mnist_resnet.model import fold_batchnorm
+from mnist_resnet.model import folded_copy
 from mnist_resnet.runtime import configure_threads, make_runtime
 
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(path, fold=False)
         models = {
             "unfolded": runtime.prepare_model(loaded.model),
-            "folded": runtime.prepare_model(fold_batchnorm(copy.deepcopy(loaded.model))),
+            "folded": runtime.prepare_model(folded_copy(loaded.model)),
         }
         images = data.load(loaded.data_config.dataset, args.data_dir, log=lambda _: None)
         test = images.test_images

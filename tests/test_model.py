@@ -19,6 +19,7 @@ from mnist_resnet.model import (
     count_parameters,
     flops_per_image,
     fold_batchnorm,
+    folded_copy,
     resnet,
     summary,
 )
@@ -288,6 +289,12 @@ def test_fold_batchnorm_keeps_eval_logits_and_removes_every_foldable_norm(
     folded = build_model(cfg)
     folded.load_state_dict(model.state_dict())
     assert fold_batchnorm(folded) is folded and not folded.training
+    # The copying form leaves its source (e.g. the model being trained) as it was.
+    model.train()
+    before = [type(m) for m in model.modules()]
+    copied = folded_copy(model)
+    assert model.training and [type(m) for m in model.modules()] == before
+    assert not copied.training and copied is not model
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-5)
