@@ -104,14 +104,13 @@ def test_drawing_a_digit_shows_the_api_prediction(
             )
     actions.release().perform()
 
-    shown = WebDriverWait(browser, 20).until(
-        lambda d: (text := d.find_element(By.ID, "prediction").text).isdigit() and text
-    )
+    # The page marks itself idle once it shows the answer for the final canvas.
     WebDriverWait(browser, 20).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#top li .bar span")) == 3
+        lambda d: d.find_element(By.ID, "pad").get_attribute("data-state") == "idle"
     )
-    time.sleep(0.5)  # let the last in-flight answer land
     shown = browser.find_element(By.ID, "prediction").text
+    assert shown.isdigit()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#top li .bar span")) == 3
     width = browser.find_element(By.CSS_SELECTOR, "#top li .bar span").get_attribute("style")
     assert width and "width" in width
 

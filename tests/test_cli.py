@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,38 @@ def test_dry_run_then_evaluate(
     assert out.strip().splitlines()[-1].startswith("test accuracy: ")
     assert (tmp_path / "dry" / "confusion.png").stat().st_size > 1000
     assert (tmp_path / "dry" / "misclassified.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+@pytest.mark.parametrize("flag", ["--amp", "--no-amp", None])
+def test_train_says_its_precision_first_and_evaluate_reproduces_its_accuracy(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str | None
+) -> None:
+    argv = ["train", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path), "--name", "r"]
+    argv += ["--depth", "8", "--width", "0.5", "--epochs", "1", "--subset", "0.02", "--no-accel"]
+    assert main(argv if flag is None else [*argv, flag]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("precision: ")
+    if flag is not None:
+        assert lines[0].startswith("precision: bf16" if flag == "--amp" else "precision: fp32")
+    # The decision is saved with the run (a resume keeps it) ...
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["train"]["amp"]
+    assert saved is lines[0].startswith("precision: bf16")
+    # ... and `evaluate` judges in it, so it prints the very accuracy `train` printed.
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "r" / "best.pt"),
+                "--data-dir",
+                str(mnist_root),
+                "--no-accel",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip().splitlines()[-1] == lines[-1]
 
 
 def test_existing_run_is_not_overwritten(

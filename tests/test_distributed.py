@@ -119,6 +119,7 @@ def test_only_rank_zero_logs_and_writes_once(two_process_run: tuple[Path, list[A
     assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped module
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(
     two_process_run: tuple[Path, list[Any]], mnist_root: Path, tmp_path: Path
@@ -134,6 +135,7 @@ def test_two_processes_match_one_with_the_same_global_batch(
     assert abs(reports[0]["test_accuracy"] - single.test.accuracy) < 0.03
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_a_two_process_run_resumes_with_one(
     two_process_run: tuple[Path, list[Any]], mnist_root: Path, tmp_path: Path
@@ -174,6 +176,7 @@ def test_mid_epoch_checkpoint_keeps_its_world_size(
         )
 
 
+@pytest.mark.numerics
 def test_sharded_evaluation_of_one_process_is_the_plain_evaluation() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(depth=8))

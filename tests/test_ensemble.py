@@ -54,6 +54,7 @@ def _variant(src: Path, dst: Path, seed: int, noise: float = 0.5, **config_chang
     return dst
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_ensemble_averages_member_probabilities(
     small_checkpoint: Path,
@@ -64,7 +65,7 @@ def test_ensemble_averages_member_probabilities(
     other = _variant(small_checkpoint, tmp_path / "other.pt", seed=1)
     result = ensemble([small_checkpoint, other], data_dir=mnist_root, log=lambda _: None)
     splits = data.load("mnist", mnist_root, log=lambda _: None)
-    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    runtime = make_runtime(accel=False, amp=None, channels_last=True)
     probas = [
         predict_proba(load_model(p), splits.test_images, runtime) for p in (small_checkpoint, other)
     ]
@@ -80,9 +81,10 @@ def test_ensemble_averages_member_probabilities(
     assert alone.accuracy == pytest.approx(evaluate_saved(small_checkpoint).accuracy)
 
 
+@pytest.mark.numerics
 def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) -> None:
     member = load_model(small_checkpoint)
-    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    runtime = make_runtime(accel=False, amp=None, channels_last=True)
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
     views = [predict_proba(member, shift_images(images, dy, dx), runtime) for dy, dx in TTA_SHIFTS]
     got = predict_proba(member, images, runtime, tta=True)
@@ -151,7 +153,7 @@ def _validation_score(paths: list[Path], mnist_root: Path) -> tuple[int, float]:
     _, _, images, labels = data.split_validation(
         splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
     )
-    runtime = make_runtime(accel=False, amp=True, channels_last=True)
+    runtime = make_runtime(accel=False, amp=None, channels_last=True)
     proba = torch.stack([predict_proba(load_model(p), images, runtime) for p in paths]).mean(0)
     errors = int((proba.argmax(1) != labels.long()).sum())
     return errors, float(F.nll_loss(proba.clamp_min(1e-12).log(), labels.long()))

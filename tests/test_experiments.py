@@ -134,6 +134,7 @@ def test_invalid_settings_give_one_line(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.numerics
 def test_stage_grad_norms_match_autograd_and_read_only_when_armed() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(depth=8, shortcut=False))

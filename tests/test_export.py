@@ -19,6 +19,7 @@ pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) 
 onnx = pytest.importorskip("onnx")
 
 
+@pytest.mark.numerics
 def test_onnx_export_matches_pytorch_and_carries_its_contract(
     small_checkpoint: Path,
     mnist_root: Path,

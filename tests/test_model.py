@@ -140,6 +140,7 @@ def test_bottleneck_block_kernels_channels_and_stride() -> None:
     assert isinstance(BottleneckBlock(128, 32).shortcut, nn.Identity)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("in_channels,stride", [(16, 1), (8, 2)])
 def test_plain_block_forward_is_conv_bn_relu_conv_bn_add_relu(
     in_channels: int, stride: int
@@ -157,6 +158,7 @@ def test_plain_block_forward_is_conv_bn_relu_conv_bn_add_relu(
     torch.testing.assert_close(actual, expected)
 
 
+@pytest.mark.numerics
 def test_bottleneck_block_forward_matches_manual_recomputation() -> None:
     block = BottleneckBlock(16, 8, stride=2)
     _randomise_bn(block)
@@ -245,6 +247,7 @@ def test_pooled_stem_order(pool_before_norm: bool) -> None:
         assert calls == [("conv1", 28), ("bn1", 28), ("stem_pool", 14), ("layer1", 14)]
 
 
+@pytest.mark.numerics
 def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() -> None:
     # In eval mode with gamma > 0, BN is monotonic per channel, so max-pool commutes with it
     # (and with ReLU): both orders give the same logits from the same weights.
@@ -257,6 +260,7 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
         torch.testing.assert_close(before.eval()(x), after.eval()(x))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -489,6 +493,7 @@ def test_summary_reports_name_params_flops_and_stage_shapes() -> None:
 # --- it learns ------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("shortcut", [True, False])
 def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(shortcut: bool) -> None:
     model = resnet(20, width=0.5, shortcut=shortcut, zero_init_residual=shortcut)

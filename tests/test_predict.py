@@ -67,6 +67,7 @@ def _variants(digit: np.ndarray) -> dict[str, Image.Image]:
     }
 
 
+@pytest.mark.numerics
 def test_preprocessing_keeps_mnist_digits_and_their_predictions(
     digits: tuple[np.ndarray, np.ndarray], predictor: Predictor
 ) -> None:
@@ -77,10 +78,14 @@ def test_preprocessing_keeps_mnist_digits_and_their_predictions(
     assert np.abs(again.astype(int) - images.astype(int)).mean() < 25
     direct = predictor.probabilities(images).argmax(1).numpy()
     redone = predictor.probabilities(again).argmax(1).numpy()
+    # The test model agrees on all 100 under every kernel set tried (conftest.small_checkpoint).
+    # Inverted, transposed or zoomed-in digits agree on 2%, 8% and 89%; shifts by 3-4 pixels
+    # still agree (the model trains with shifts) but fail the pixel distance above (33-36).
     assert (redone == direct).mean() >= 0.95
     assert (redone == labels).mean() >= 0.9
 
 
+@pytest.mark.numerics
 def test_sizes_colours_modes_and_photos_give_mnist_like_inputs(
     digits: tuple[np.ndarray, np.ndarray], predictor: Predictor
 ) -> None:
@@ -163,6 +168,7 @@ def test_hostile_files_each_get_one_line(tmp_path: Path) -> None:
         decode(_png_bomb(8000, 8000))
 
 
+@pytest.mark.numerics
 def test_cli_reports_every_file_and_fails_only_on_unreadable(
     tmp_path: Path,
     small_checkpoint: Path,

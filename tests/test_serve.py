@@ -50,6 +50,7 @@ def test_health_model_schema_and_page(client: TestClient, small_checkpoint: Path
     assert client.get("/static/app.js").status_code == 200
 
 
+@pytest.mark.numerics
 def test_uploads_and_pixel_arrays_predict_digits(
     client: TestClient, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:

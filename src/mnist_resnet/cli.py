@@ -54,7 +54,12 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
 TRAIN_SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("--save-model", "save_model", "write checkpoints (best.pt and per-epoch files)"),
     ("--dry-run", "dry_run", "quickly check a single pass: one epoch of one batch"),
-    ("--amp", "amp", "bf16 autocast where the hardware supports it"),
+    (
+        "--amp",
+        "amp",
+        "force bf16 autocast on (--amp) or off (--no-amp); unset, it is used on CUDA and on "
+        "CPUs where a short cached probe measured it faster than fp32",
+    ),
     ("--channels-last", "channels_last", "NHWC memory layout"),
     ("--compile", "compile", "torch.compile the model (compile time counts)"),
     ("--deterministic", "deterministic", "deterministic algorithms, for bit-exact repeats"),
@@ -116,7 +121,9 @@ def _add_switches(
             dest=f"{cls.__name__}.{name}",
             action=argparse.BooleanOptionalAction,
             default=None,
-            help=f"{text} (default: {getattr(defaults, name)}, or the preset's)",
+            help=text
+            if getattr(defaults, name) is None
+            else f"{text} (default: {getattr(defaults, name)}, or the preset's)",
         )
 
 

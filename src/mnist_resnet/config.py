@@ -162,8 +162,10 @@ class TrainConfig:
     save_model: bool = True
     dry_run: bool = False
     accel: bool = True
-    # bf16 autocast where the hardware has fast bf16 (AMX / AVX-512-BF16 CPUs, CUDA).
-    amp: bool = True
+    # bf16 autocast: True forces it, False forces fp32, None decides (CUDA with bf16: on; a
+    # CPU: on where a cached probe measured it faster, see precision.py; MPS: off). A run saves
+    # the decision in its config, so a resumed run keeps the precision it started with.
+    amp: bool | None = None
     channels_last: bool = True
     compile: bool = False
     # Several processes (torchrun): batch statistics over the global batch instead of each
@@ -178,8 +180,8 @@ class TrainConfig:
     # Exponential moving average of the weights (0 = off). When on, the averaged weights are
     # the ones validated, selected and saved to best.pt. The decay ramps up as (1+n)/(10+n)
     # after n steps and only reaches `ema_decay` after about 9 / (1 - ema_decay) steps: 9,000
-    # for 0.999, more than the `best` recipe's 6,450, which therefore ends at 0.9986 and gives
-    # the same weights with 0.9995 (measured: identical metrics, seed 1).
+    # for 0.999, more than the `best` recipe's 6,435 steps, which therefore ends at 0.9986 and
+    # gives the same weights with 0.9995 (measured: identical metrics, seed 1).
     ema_decay: float = 0.0
     # Skip (instead of stopping at) a step whose loss is NaN or infinite.
     skip_nonfinite: bool = False

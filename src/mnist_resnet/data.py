@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pickle
-import secrets
 import struct
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mnist_resnet.config import DataConfig, default_data_dir
+from mnist_resnet.files import temp_beside
 
 Log = Callable[[str], None]
 
@@ -371,7 +370,7 @@ def write_idx(path: Path | str, data: Tensor) -> None:
         raise IDXError(f"{path}: can only write uint8 tensors, got {data.dtype} {data.dim()}-d")
     header = bytes([0, 0, IDX_UINT8, data.dim()]) + struct.pack(f">{data.dim()}I", *data.shape)
     payload = memoryview(cast(Any, data.detach().cpu().contiguous().view(-1).numpy()))
-    with _temp_beside(path) as tmp:
+    with temp_beside(path) as tmp:
         with tmp.open("wb") as raw:
             out: io.BufferedIOBase = (
                 gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)
@@ -382,18 +381,6 @@ def write_idx(path: Path | str, data: Tensor) -> None:
             out.write(payload)
             out.close()
         os.replace(tmp, path)
-
-
-@contextmanager
-def _temp_beside(path: Path) -> Iterator[Path]:
-    """A unique temp path in `path`'s folder (so os.replace is atomic); removed unless moved."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
-    # Not mkstemp: its 0600 mode would survive os.replace; the cache should honour the umask.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- verification
@@ -457,7 +444,7 @@ def _install(candidate: Path, dest: Path, fs: FileSpec, recorded: str | None) ->
             sha = _hash_file(candidate, "sha256")
             _check_content(fs, sha, fs.size, expected)
             return _Verified(sha, str(candidate), by)
-        with _temp_beside(dest) as tmp:
+        with temp_beside(dest) as tmp:
             with _open_read(candidate, gz) as src, tmp.open("wb") as out:
                 sha, seen = _copy_capped(src, out, fs.size)
             _check_content(fs, sha, seen, expected)
@@ -500,7 +487,7 @@ def _write_stamp(raw: Path, spec: DatasetSpec, verified: Mapping[str, _Verified]
             "mtime_ns": st.st_mtime_ns,
         }
     text = json.dumps({"dataset": spec.name, "files": files}, indent=2) + "\n"
-    with _temp_beside(raw / SOURCES_FILE) as tmp:
+    with temp_beside(raw / SOURCES_FILE) as tmp:
         tmp.write_text(text)
         os.replace(tmp, raw / SOURCES_FILE)
 
@@ -625,7 +612,7 @@ def _try_mirrors(chain: _Chain, mirrors: Sequence[str], timeout: float, total: f
                 continue
             url = base.rstrip("/") + "/" + fs.name + ".gz"
             try:
-                with _temp_beside(chain.raw / f"{fs.name}.gz") as tmp:
+                with temp_beside(chain.raw / f"{fs.name}.gz") as tmp:
                     _download(url, tmp, limit, timeout, total)
                     size = tmp.stat().st_size
                     v = _install(tmp, chain.raw / fs.name, fs, chain.recorded(fs))

@@ -143,7 +143,7 @@ def _split_probas(
     first = members[0]
     splits = data.load(first.data_config.dataset, data_dir, log=log)
     images, labels = _split_images(first, splits, split)
-    runtime = make_runtime(accel=accel, amp=True, channels_last=True)
+    runtime = make_runtime(accel=accel, amp=None, channels_last=True)
     classes = len(first.class_names)
     probas = []
     for path, m in zip(checkpoints, members, strict=True):

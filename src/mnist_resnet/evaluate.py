@@ -176,7 +176,11 @@ def evaluate_checkpoint(
 
     loaded = load_model(checkpoint)
     splits = data.load(loaded.data_config.dataset, data_dir)
-    runtime = make_runtime(accel=accel, amp=True, channels_last=True)
+    # The precision the run trained and was judged in (its config records the decision), so
+    # that this report reproduces the test accuracy `train` printed.
+    recorded = loaded.state.get("config", {}).get("train", {}).get("amp")
+    amp = recorded if isinstance(recorded, bool) else None
+    runtime = make_runtime(accel=accel, amp=amp, channels_last=True)
     model = runtime.prepare_model(loaded.model)
     result = evaluate(
         model,

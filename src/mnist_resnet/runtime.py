@@ -22,6 +22,8 @@ class Runtime:
     # None means full fp32; bfloat16 needs no loss scaling, unlike float16.
     amp_dtype: torch.dtype | None
     channels_last: bool
+    # Why this precision: forced by a flag, or what the probe measured on this machine.
+    precision_note: str = ""
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -60,21 +62,6 @@ def select_device(accel: bool = True) -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with AMX tiles, where oneDNN runs bf16 convolutions far above fp32 speed.
-
-    AVX-512-BF16 alone is not enough: on such a CPU (no AMX) we measured ResNet-20 training at
-    727 img/s in bf16 against 955 img/s in fp32 (channels_last, batch 128, 2 threads).
-    """
-    import torch.cpu
-
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    try:
-        return bool(probe()) if probe is not None else False
-    except RuntimeError:
-        return False
-
-
 # glibc's mallopt parameters (malloc.h) and the environment variables that set them.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
@@ -111,15 +98,19 @@ def retain_freed_memory() -> bool:
     )
 
 
-def make_runtime(*, accel: bool, amp: bool, channels_last: bool) -> Runtime:
-    """The device, precision and layout to run on; also keeps freed host memory for reuse."""
+def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runtime:
+    """The device, precision and layout to run on; also keeps freed host memory for reuse.
+
+    `amp` True/False forces bf16 autocast on or off; None lets `precision.choose` decide (on a
+    CPU by a cached measurement), and `Runtime.precision_note` says which and why.
+    """
+    # Imported here: the precision probe runs the training step, a layer above this one.
+    from mnist_resnet import precision
+
     retain_freed_memory()
     device = select_device(accel)
-    fast_bf16 = (device.type == "cuda" and torch.cuda.is_bf16_supported()) or (
-        device.type == "cpu" and cpu_has_fast_bf16()
-    )
-    amp_dtype = torch.bfloat16 if amp and fast_bf16 else None
-    return Runtime(device=device, amp_dtype=amp_dtype, channels_last=channels_last)
+    chosen = precision.choose(device, amp, channels_last)
+    return Runtime(device, chosen.dtype, channels_last, precision_note=chosen.reason)
 
 
 def available_cpus() -> int:

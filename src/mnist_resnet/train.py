@@ -361,9 +361,15 @@ class _Trainer:
         self.log = log if self.dist.is_main else _quiet
         self.threads = configure_threads(train_cfg.threads, self.dist.local_world_size)
         seed_everything(train_cfg.seed, train_cfg.deterministic)
-        runtime = make_runtime(
-            accel=train_cfg.accel, amp=train_cfg.amp, channels_last=train_cfg.channels_last
+        # Rank 0 first: it runs the precision probe (if not cached) while the others wait.
+        runtime = distributed.main_first(
+            lambda: make_runtime(
+                accel=train_cfg.accel, amp=train_cfg.amp, channels_last=train_cfg.channels_last
+            )
         )
+        self.log(f"precision: {runtime.precision_note}")
+        # The config saves the decision, so a resumed run keeps the precision it started with.
+        self.cfg = train_cfg = dataclasses.replace(train_cfg, amp=runtime.amp_dtype is not None)
         self.runtime = dataclasses.replace(
             runtime, device=distributed.device_for(runtime.device, self.dist)
         )

@@ -336,7 +336,7 @@ def run(
     cfg.validate()
     started = time.perf_counter()
     configure_threads(threads)
-    runtime = make_runtime(accel=True, amp=True, channels_last=True)
+    runtime = make_runtime(accel=True, amp=None, channels_last=True)
     d = prepare_data(
         DataConfig(dataset=cfg.dataset, data_dir=data_dir or default_data_dir(), augment=False),
         log=log,

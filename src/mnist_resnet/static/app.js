@@ -14,6 +14,12 @@
   let dirty = false;
   let generation = 0; // bumped by Clear, so late answers for an old drawing are ignored
 
+  // "busy" while an answer for the drawing is pending, "idle" once the page shows the answer
+  // for the very pixels on the canvas: tests (and scripts) wait on it instead of sleeping.
+  function setState() {
+    pad.dataset.state = inFlight || dirty ? "busy" : "idle";
+  }
+
   function reset() {
     ctx.fillStyle = "#000";
     ctx.fillRect(0, 0, pad.width, pad.height);
@@ -28,6 +34,7 @@
     prediction.textContent = "–";
     top.replaceChildren();
     status.textContent = "waiting for a stroke";
+    setState();
   }
 
   function point(event) {
@@ -77,10 +84,12 @@
     if (!inked) return;
     if (inFlight) {
       dirty = true;
+      setState();
       return;
     }
     inFlight = true;
     dirty = false;
+    setState();
     const asked = generation;
     pad.toBlob((blob) => {
       const form = new FormData();
@@ -102,6 +111,7 @@
         .finally(() => {
           inFlight = false;
           if (dirty) send();
+          setState();
         });
     }, "image/png");
   }
