@@ -39,6 +39,6 @@ clean:
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench.py $(ARGS)
 
-# The accuracy table of the README: --preset best, 3 seeds per dataset, then their ensembles.
+# The accuracy table of docs/results.md: --preset best, 3 seeds per dataset, then their ensembles.
 accuracy: $(VENV)/.installed
 	$(BIN)/python benchmarks/accuracy.py $(ARGS)

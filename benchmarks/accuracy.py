@@ -12,7 +12,7 @@ obtained is reported as such, and the others go on.
 The seeds of each dataset are then ensembled (softmax average) on the validation split and on
 the test set, with and without test-time shifts; the validation numbers are the ones to choose
 by. Writes benchmarks/results-accuracy.json and copies each run's config.json, metrics.jsonl and
-result.json to benchmarks/accuracy-runs/NAME/, the metrics files the README's table is made of.
+result.json to benchmarks/accuracy-runs/NAME/, the files the table in docs/results.md is made of.
 """
 
 from __future__ import annotations

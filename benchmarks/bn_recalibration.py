@@ -24,7 +24,7 @@ from torch import nn
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
-from mnist_resnet.evaluate import predict_logits
+from mnist_resnet.inference import predict_logits, to_float
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime
 
 VARIANTS = ("saved", "recalibrated on plain images", "recalibrated on augmented batches")
@@ -67,7 +67,7 @@ def recalibrated(
         if augment:
             x = data.training_batch(images, member.data_config, generator, member.mean, member.std)
         else:
-            x = data.to_float(images, member.mean, member.std)
+            x = to_float(images, member.mean, member.std)
         model(runtime.prepare_input(x))
     return model.eval()
 

@@ -21,7 +21,7 @@ import torch
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import load_model
-from mnist_resnet.evaluate import predict_logits
+from mnist_resnet.inference import predict_logits
 from mnist_resnet.model import folded_copy
 from mnist_resnet.runtime import configure_threads, make_runtime
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from datafakes import Tiny, make_tiny
 
 from mnist_resnet.config import DATA_DIR_ENV
 
@@ -130,3 +131,9 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
         )
 
     return run
+
+
+@pytest.fixture
+def tiny() -> Tiny:
+    """A 12 + 6 image MNIST-layout dataset whose files the data tests serve and corrupt."""
+    return make_tiny()

@@ -23,10 +23,12 @@ import torch.multiprocessing as mp
 from mnist_resnet import cli, distributed
 from mnist_resnet.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
+from mnist_resnet.errors import TrainingError
 from mnist_resnet.evaluate import evaluate, evaluate_shard
 from mnist_resnet.model import build_model
+from mnist_resnet.optim import lr_factor
 from mnist_resnet.runtime import make_runtime
-from mnist_resnet.train import TrainingError, lr_factor, train
+from mnist_resnet.train import train
 
 WORLD = 2
 PER_RANK_BATCH = 32

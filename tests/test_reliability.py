@@ -1,6 +1,6 @@
 """Faults: kills, signals, non-finite losses, full or unwritable disks, hostile bytes, bad flags.
 
-Each test here is listed in RELIABILITY.md next to the fault it shows.
+Each test here is listed in docs/reliability.md next to the fault it shows.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from mnist_resnet import data
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mnist_resnet.cli import main
 from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
-from mnist_resnet.train import NonFiniteLoss, TrainingError, train
+from mnist_resnet.errors import TrainingError
+from mnist_resnet.train import NonFiniteLoss, train
 
 # A run small enough to be killed and resumed several times within a few seconds each:
 # 2,750 images, 21 steps an epoch, a mid-epoch checkpoint every 4 steps.
@@ -144,8 +145,9 @@ def _tiny_run(
 
 
 def test_nonfinite_loss_leaves_weights_untouched() -> None:
+    from mnist_resnet.optim import make_optimizer
     from mnist_resnet.runtime import make_runtime
-    from mnist_resnet.train import make_optimizer, train_step
+    from mnist_resnet.train import train_step
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     before = [p.detach().clone() for p in model.parameters()]
@@ -210,7 +212,7 @@ def test_full_disk_is_detected_before_training(
 
     real = shutil_module.disk_usage
     monkeypatch.setattr(
-        "mnist_resnet.train.shutil.disk_usage",
+        "mnist_resnet.runs.shutil.disk_usage",
         lambda path: real(path)._replace(free=1 << 20),
     )
     with pytest.raises(TrainingError, match="MB free"):

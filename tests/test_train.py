@@ -15,15 +15,9 @@ from mnist_resnet import data
 from mnist_resnet.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.model import build_model
+from mnist_resnet.optim import WeightAverage, lr_factor, make_optimizer, param_groups
 from mnist_resnet.runtime import make_runtime
-from mnist_resnet.train import (
-    WeightAverage,
-    lr_factor,
-    make_optimizer,
-    param_groups,
-    train,
-    train_step,
-)
+from mnist_resnet.train import train, train_step
 
 
 def test_onecycle_warms_up_then_decays_to_zero() -> None:
@@ -146,8 +140,8 @@ def test_killed_run_resumes_to_identical_metrics(mnist_root: Path, tmp_path: Pat
 
 
 def test_resume_picks_the_newest_progress_not_the_last_name(tmp_path: Path) -> None:
-    from mnist_resnet.checkpoint import save_checkpoint
-    from mnist_resnet.train import checkpoint_name, find_resume_checkpoint
+    from mnist_resnet.checkpoint import checkpoint_name, save_checkpoint
+    from mnist_resnet.runs import find_resume_checkpoint
 
     ckpts = tmp_path / "checkpoints"
     for epochs_done, step in [(0, 5), (1, 0), (1, 5)]:

@@ -8,8 +8,7 @@ hashes, so the model can be rebuilt and its provenance checked from the file alo
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from mnist_resnet.config import DataConfig, ModelConfig, from_dict
+from mnist_resnet.errors import UserError
+from mnist_resnet.files import atomic_write
 from mnist_resnet.model import build_model, fold_batchnorm
 
 FORMAT = "mnist-resnet"
@@ -25,7 +26,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "config", "model", "epoch")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or read; the message names the file and the reason."""
 
 
@@ -36,36 +37,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
     state["weights_sha256"] = weights_digest(state["model"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save(state, f), durable=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename is only durable once the directory entry itself reaches the disk.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:
@@ -171,3 +146,30 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
         std=float(norm.get("std", 1.0)),
         class_names=tuple(state.get("class_names", [str(i) for i in range(model_cfg.num_classes)])),
     )
+
+
+# Checkpoint names within a run directory: checkpoints/epoch-NNN[-step-SSSSS].pt
+
+_CKPT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.pt")
+
+
+def checkpoint_name(epochs_done: int, step: int = 0) -> str:
+    """`epoch-003.pt` after 3 whole epochs; `epoch-003-step-00120.pt` 120 steps into the 4th."""
+    return (
+        f"epoch-{epochs_done:03d}.pt"
+        if step == 0
+        else f"epoch-{epochs_done:03d}-step-{step:05d}.pt"
+    )
+
+
+def _progress(path: Path) -> tuple[int, int]:
+    match = _CKPT_NAME.fullmatch(path.name)
+    if match is None:
+        return (-1, -1)
+    return int(match[1]), int(match[2] or 0)
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's epoch and mid-epoch checkpoints, oldest progress first."""
+    found = [p for p in (run_dir / "checkpoints").glob("epoch-*.pt") if _progress(p)[0] >= 0]
+    return sorted(found, key=_progress)

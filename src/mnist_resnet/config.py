@@ -1,6 +1,6 @@
 """Frozen configuration dataclasses: the one home of every default and every preset.
 
-The CLI, the README and the tests read defaults from here; every checkpoint stores the three
+The CLI, the docs and the tests read defaults from here; every checkpoint stores the three
 configs as plain dicts so a model can always be rebuilt from its file alone.
 """
 
@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mnist_resnet.errors import UserError
+
 DATA_DIR_ENV = "MNIST_RESNET_DATA"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value a user chose is invalid; the message says which and why."""
 
 
@@ -99,8 +101,7 @@ class ModelConfig:
     # False gives the paper's "plain net": same layers, no skip connections.
     shortcut: bool = True
     # Zero-init of each block's last BN gamma makes every block start as identity (Goyal et al.
-    # 2017). Off by default: in our short schedules it stalls learning (ResNet-20/2 after 43
-    # steps on 5.5k MNIST images: train loss 2.02 with it, 0.32 without).
+    # 2017). Off by default: in our short schedules it stalls learning (docs/results.md).
     zero_init_residual: bool = False
     in_channels: int = 1
     num_classes: int = 10
@@ -143,8 +144,8 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 128
-    # Evaluation batch: on this 2-core CPU, ResNet-14 inference in channels_last ran at 3,660
-    # img/s in batches of 100 but 1,840 img/s in batches of 1,000 (activations outgrow the cache).
+    # Evaluation batch: on a CPU, larger batches run slower once the activations outgrow the
+    # cache (docs/speed.md).
     test_batch_size: int = 100
     # Peak learning rate of the one-cycle schedule (SGD, Nesterov momentum).
     lr: float = 0.2
@@ -181,7 +182,7 @@ class TrainConfig:
     # the ones validated, selected and saved to best.pt. The decay ramps up as (1+n)/(10+n)
     # after n steps and only reaches `ema_decay` after about 9 / (1 - ema_decay) steps: 9,000
     # for 0.999, more than the `best` recipe's 6,435 steps, which therefore ends at 0.9986 and
-    # gives the same weights with 0.9995 (measured: identical metrics, seed 1).
+    # gives the same weights with 0.9995.
     ema_decay: float = 0.0
     # Skip (instead of stopping at) a step whose loss is NaN or infinite.
     skip_nonfinite: bool = False
@@ -226,8 +227,8 @@ class Preset:
     data: DataConfig | None = None
 
 
-# The default recipe (`make train`): ResNet-14 for 2 epochs reached 99.54% MNIST test accuracy
-# in 116 s on a 2-core CPU; ResNet-20 for 2 epochs 99.52% in 170 s, for 3 epochs 99.58% in 247 s.
+# The default recipe (`make train`): the depth and epochs that validated best for their time
+# on a 2-core CPU among the candidates of docs/results.md.
 DEFAULT_PRESET = "resnet14"
 
 PRESETS: dict[str, Preset] = {
@@ -235,17 +236,15 @@ PRESETS: dict[str, Preset] = {
         "ResNet-14, plain blocks (0.17M params): the fast default", ModelConfig(depth=14)
     ),
     "resnet20": Preset("ResNet-20, plain blocks (0.27M params)", ModelConfig(depth=20)),
-    # Speed recipe: the stem's 2x2 max-pool makes every stage 4x cheaper. Measured here (seed 1,
-    # no AMX): 99.47% test after 2 epochs; ResNet-8 with the same stem 99.32% (2 epochs) and
-    # 99.45% (3 epochs).
+    # Speed recipe: the stem's 2x2 max-pool makes every stage 4x cheaper (docs/speed.md).
     "fast": Preset(
         "ResNet-14 with a pooled stem, batch 256, 2 epochs: the speed recipe",
         ModelConfig(depth=14, stem_pool=True),
         TrainConfig(batch_size=256, lr=0.4),
     ),
-    # Accuracy recipe (issue 5): the default network trained 7.5x longer on digits that are
-    # also slightly rotated and zoomed, judged and selected by the EMA of its weights on the
-    # validation split. ~14 minutes on 2 CPU cores.
+    # Accuracy recipe: the default network trained 7.5x longer on digits that are also slightly
+    # rotated and zoomed, judged and selected by the EMA of its weights on the validation split
+    # (docs/results.md).
     "best": Preset(
         "ResNet-14, 15 epochs, shift/rotate/zoom augmentation, weight EMA: the accuracy recipe",
         ModelConfig(depth=14),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from mnist_resnet import data
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.config import ConfigError, TrainConfig
-from mnist_resnet.evaluate import predict_logits
+from mnist_resnet.inference import predict_logits
 from mnist_resnet.runtime import Runtime, make_runtime
 
 Log = Callable[[str], None]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_resnet import data
 from mnist_resnet.config import TrainConfig
+from mnist_resnet.inference import predict_logits
 from mnist_resnet.runtime import Runtime
 
 
@@ -36,30 +36,6 @@ class EvalResult:
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(dim=1).clamp(min=1)
         return (self.confusion.diagonal() / totals).tolist()
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    images_u8: torch.Tensor,
-    *,
-    mean: float,
-    std: float,
-    runtime: Runtime,
-    batch_size: int = TrainConfig.test_batch_size,
-) -> torch.Tensor:
-    """fp32 logits for uint8 images (N, 28, 28) or (N, 1, 28, 28), in large eval batches."""
-    model.eval()
-    if images_u8.ndim == 3:
-        images_u8 = images_u8.unsqueeze(1)
-    outputs = []
-    for start in range(0, len(images_u8), batch_size):
-        x = runtime.prepare_input(data.to_float(images_u8[start : start + batch_size], mean, std))
-        with runtime.autocast():
-            outputs.append(model(x).float().cpu())
-    if not outputs:
-        return torch.empty(0, 0)
-    return torch.cat(outputs)
 
 
 def confusion_matrix(
@@ -170,7 +146,7 @@ def evaluate_checkpoint(
 
     Returns the text report; its last line is `test accuracy: NN.NN%`.
     """
-    from mnist_resnet import plots
+    from mnist_resnet import data, plots
     from mnist_resnet.checkpoint import load_model
     from mnist_resnet.runtime import make_runtime
 

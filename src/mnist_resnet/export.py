@@ -21,7 +21,8 @@ import torch
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
-from mnist_resnet.evaluate import predict_logits
+from mnist_resnet.errors import UserError
+from mnist_resnet.inference import predict_logits, to_float
 from mnist_resnet.runtime import make_runtime
 
 FORMATS = ("onnx", "torchscript")
@@ -36,7 +37,7 @@ OUTPUT_NAME = "logits"
 Log = Callable[[str], None]
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """Export or its parity check failed; the message says what and how far off."""
 
 
@@ -246,7 +247,7 @@ def export(
     reference = predict_logits(
         loaded.model, test_u8, mean=loaded.mean, std=loaded.std, runtime=runtime
     ).numpy()
-    batch = data.to_float(test_u8.unsqueeze(1), loaded.mean, loaded.std).numpy()
+    batch = to_float(test_u8.unsqueeze(1), loaded.mean, loaded.std).numpy()
     run = _runner(fmt, path)
     exported = run(batch)
     max_diff = float(np.abs(exported - reference).max())

@@ -1,18 +1,28 @@
-"""File helpers shared by the modules that write files: temp-file-and-rename replacement."""
+"""File helpers shared by every module that writes or checks files: atomic replacement and hashing.
+
+A result file is written to a temp file beside it and renamed into place, so a reader (or a run
+killed mid-write) sees the old file or the whole new one, never a torn one.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 1 << 20
+# Temp files end in this suffix: a resumed run sweeps the ones a kill left behind.
+TEMP_SUFFIX = ".tmp"
 
 
 @contextmanager
 def temp_beside(path: Path) -> Iterator[Path]:
     """A unique temp path in `path`'s folder (so os.replace is atomic); removed unless moved."""
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.part"
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
     # Not mkstemp: its 0600 mode would survive os.replace; written files honour the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
@@ -21,9 +31,47 @@ def temp_beside(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader never sees a half-written file."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
+    """Replace `path` with what `write` writes to the file object it is given.
+
+    `durable` also flushes the data and the folder entry to the disk before returning, for
+    files a crash must not lose (checkpoints), at the cost of an fsync each.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with temp_beside(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        with tmp.open("wb") as f:
+            write(f)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) so that a reader never sees a half-written file."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is only durable once the directory entry itself reaches the disk.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path, algo: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.new(algo)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -321,9 +321,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold each eval-mode BatchNorm into the conv before it, in place; for inference only.
 
     In eval mode a batch norm is a fixed per-channel scale and shift, so the conv can absorb it
-    (weights scaled, a bias added) and the extra pass over every activation map disappears:
-    1.08-1.7x faster evaluation in channels_last, batch 100, in every side-by-side measurement
-    on the 2-core CPU of the README (benchmarks/fold_batchnorm.py). The folded model has no
+    (weights scaled, a bias added) and the extra pass over every activation map disappears
+    (benchmarks/fold_batchnorm.py measures the gain; docs/speed.md). The folded model has no
     batch norms to train, and its state_dict no longer matches a checkpoint's: fold a model
     built from one, or `folded_copy` of the one being trained.
     """

@@ -27,8 +27,8 @@ def pyplot() -> Any:
 def figure(figsize: tuple[float, float]) -> Any:
     """A figure that is only ever saved to a file.
 
-    Built without pyplot: importing pyplot costs ~0.7 s of every training run's wall time, and
-    a figure no window shows needs none of its state.
+    Built without pyplot: importing pyplot adds a noticeable start-up cost to every training
+    run, and a figure no window shows needs none of its state.
     """
     from matplotlib.figure import Figure
 

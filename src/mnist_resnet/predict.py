@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from mnist_resnet.checkpoint import LoadedModel, load_model
-from mnist_resnet.evaluate import predict_logits
+from mnist_resnet.inference import predict_logits
 from mnist_resnet.runtime import Runtime, make_runtime
 
 IMAGE_SIZE = 28

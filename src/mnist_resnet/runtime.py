@@ -73,10 +73,10 @@ def retain_freed_memory() -> bool:
 
     Every training step frees and re-allocates the same activation buffers (megabytes each).
     By default glibc serves large ones with mmap or trims them off the heap when freed, so each
-    step faults fresh zeroed pages back in: about 900,000 minor page faults in 12 s of `fast`
-    training here. With both thresholds raised the buffers stay in the heap (3,700 faults):
-    side by side, that training step ran 1.08x and 1.17x faster and a whole `train --preset
-    fast` run took 0.94x the time. Memory the process has used stays mapped until it exits.
+    step faults fresh zeroed pages back in; with both thresholds raised the buffers stay in the
+    heap (docs/speed.md has the measurements). Memory the process has used then stays mapped
+    until it exits, so this is for the commands that loop over batches (train, evaluate,
+    ensemble, experiments), which call it themselves; a long-lived server does not.
     Does nothing where the C library is not glibc, or when the user already set
     MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_; returns whether both settings took.
     """
@@ -91,15 +91,14 @@ def retain_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # Both or neither: setting the trim threshold alone also switches off glibc's adaptive
-    # mmap threshold, and large buffers then go through mmap every time (measured: 4 million
-    # faults in the same 12 s, half the speed).
+    # mmap threshold, and large buffers then go through mmap every time (far slower).
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
     )
 
 
 def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runtime:
-    """The device, precision and layout to run on; also keeps freed host memory for reuse.
+    """The device, precision and layout to run on.
 
     `amp` True/False forces bf16 autocast on or off; None lets `precision.choose` decide (on a
     CPU by a cached measurement), and `Runtime.precision_note` says which and why.
@@ -107,7 +106,6 @@ def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runti
     # Imported here: the precision probe runs the training step, a layer above this one.
     from mnist_resnet import precision
 
-    retain_freed_memory()
     device = select_device(accel)
     chosen = precision.choose(device, amp, channels_last)
     return Runtime(device, chosen.dtype, channels_last, precision_note=chosen.reason)

@@ -8,7 +8,6 @@ unusable content (blank canvas, wrong shape) 422.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from importlib import resources
@@ -26,6 +25,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_resnet.checkpoint import load_model
+from mnist_resnet.files import hash_file
 from mnist_resnet.predict import (
     IMAGE_SIZE,
     BlankImage,
@@ -119,14 +119,6 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
     return PredictResponse(
         predictions=[
@@ -160,7 +152,7 @@ def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
         "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"),
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": _file_sha256(checkpoint),
+        "checkpoint_sha256": hash_file(checkpoint),
         "data_hashes": loaded.state.get("data_hashes", {}),
         "normalization": {"mean": loaded.mean, "std": loaded.std},
         "max_body_bytes": MAX_BODY_BYTES,

@@ -1,23 +1,24 @@
-"""Training: the one training step, the schedule, and the epoch loop with checkpoints and resume.
+"""Training: the one training step, and the epoch loop with its checkpoints, signals and resume.
 
 Batch order and augmentation are pure functions of (seed, epoch), and the global RNG state is
 saved with every checkpoint, so a resumed run continues exactly where the killed one stopped.
+
+Longer than our other modules on purpose: the loop, its checkpoints and its resume read and
+write one state (`_Trainer`), whose pieces (a step, the epoch's evaluation, a mid-epoch save)
+are small methods; splitting them across files would hand that state around. The optimizer and
+schedule live in `optim.py`, run directories in `runs.py`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import random
-import re
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,24 +28,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_resnet import data, distributed, plots
-from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, save_checkpoint
+from mnist_resnet.checkpoint import (
+    checkpoint_name,
+    load_checkpoint,
+    run_checkpoints,
+    save_checkpoint,
+)
 from mnist_resnet.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
     TrainConfig,
-    from_dict,
     to_dict,
 )
+from mnist_resnet.errors import TrainingError, TrainingInterrupted
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
+from mnist_resnet.files import atomic_write_text
 from mnist_resnet.model import build_model, describe, folded_copy
+from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
+from mnist_resnet.runs import (
+    check_run_dir,
+    load_resume,
+    never_checkpointed,
+    new_run_dir,
+    saved_configs,
+)
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
 
 Log = Callable[[str], None]
-
-
-class TrainingError(Exception):
-    """Training cannot continue (non-finite loss, unusable run directory, ...)."""
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -63,57 +74,6 @@ class TrainResult:
     seconds: float
     # The plain module (never a DDP or compiled wrapper) holding the selected weights.
     model: nn.Module | None = None
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only; BN parameters and biases are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def peak_lr(cfg: TrainConfig, world_size: int = 1) -> float:
-    """`--lr` times the number of processes for SGD: the global batch is `batch_size` x world
-    size, and the linear scaling rule (Goyal et al. 2017, with the warmup we already use) keeps
-    the step per image unchanged. Adadelta adapts its own step size and is left alone."""
-    return cfg.lr * world_size if cfg.optimizer == "sgd" else cfg.lr
-
-
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, world_size: int = 1
-) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    lr = peak_lr(cfg, world_size)
-    if cfg.optimizer == "adadelta":
-        return torch.optim.Adadelta(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-def lr_factor(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """Multiplier of the peak learning rate after `step` optimizer steps.
-
-    onecycle: linear warmup from 0 over `warmup_epochs`, then cosine to 0 at the last step.
-    step: StepLR(gamma=0.7) once per epoch, as in pytorch/examples.
-    """
-    if cfg.schedule == "step":
-        return float(0.7 ** (step // steps_per_epoch))
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg=cfg, steps_per_epoch=steps_per_epoch)
-    )
 
 
 def train_step(
@@ -146,140 +106,6 @@ def train_step(
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach(), (logits.detach().argmax(1) != labels).float().mean()
-
-
-class WeightAverage:
-    """Exponential moving average of a model's weights and BatchNorm statistics.
-
-    A separate copy of the model holds the average, so it can be evaluated as it is. Early
-    updates use a smaller decay, min(decay, (1 + n) / (10 + n)), so the average does not
-    remember the random initialisation for thousands of steps.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.model = copy.deepcopy(model).requires_grad_(False)
-        # state_dict() tensors share storage with the live parameters and buffers.
-        pairs = list(
-            zip(self.model.state_dict().values(), model.state_dict().values(), strict=True)
-        )
-        # Built once: update() runs after every optimizer step.
-        self._averaged = [a for a, _ in pairs if a.is_floating_point()]
-        self._live = [b for a, b in pairs if a.is_floating_point()]
-        self._others = [(a, b) for a, b in pairs if not a.is_floating_point()]
-
-    def decay_at(self, updates: int) -> float:
-        """The decay the `updates`-th update uses."""
-        return min(self.decay, (1 + updates) / (10 + updates))
-
-    def steps_to_reach_decay(self) -> int:
-        """The first update whose ramp (1+n)/(10+n) reaches the set decay: n >= (10d-1)/(1-d)."""
-        n = max(1, math.floor((10 * self.decay - 1) / (1 - self.decay)) - 1)
-        while self.decay_at(n) < self.decay:  # the float formula can be off by one either way
-            n += 1
-        return n
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        decay = self.decay_at(self.updates)
-        torch._foreach_lerp_(self._averaged, self._live, 1.0 - decay)
-        for a, b in self._others:
-            a.copy_(b)  # BatchNorm's num_batches_tracked: a counter, not an average
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    mean: float
-    std: float
-    hashes: dict[str, str]
-    class_names: tuple[str, ...]
-
-
-def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
-    """Load the dataset, carve the validation split, and optionally keep a subset."""
-    splits = data.load(cfg.dataset, Path(cfg.data_dir), log=log)
-    train_x, train_y, val_x, val_y = data.split_validation(
-        splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
-    )
-    if cfg.subset < 1.0:
-        keep = max(1, int(len(train_x) * cfg.subset))
-        train_x, train_y = train_x[:keep], train_y[:keep]
-        keep_val = max(1, int(len(val_x) * cfg.subset)) if len(val_x) else 0
-        val_x, val_y = val_x[:keep_val], val_y[:keep_val]
-    spec = splits.spec
-    return PreparedData(
-        train_x=train_x,
-        train_y=train_y,
-        val_x=val_x,
-        val_y=val_y,
-        test_x=splits.test_images,
-        test_y=splits.test_labels,
-        mean=spec.mean,
-        std=spec.std,
-        hashes=dict(splits.hashes),
-        class_names=tuple(spec.classes),
-    )
-
-
-def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{preset}-{cfg.dataset}-s{train_cfg.seed}-{stamp}"
-
-
-_CKPT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?\.pt")
-
-
-def checkpoint_name(epochs_done: int, step: int = 0) -> str:
-    """`epoch-003.pt` after 3 whole epochs; `epoch-003-step-00120.pt` 120 steps into the 4th."""
-    return (
-        f"epoch-{epochs_done:03d}.pt"
-        if step == 0
-        else f"epoch-{epochs_done:03d}-step-{step:05d}.pt"
-    )
-
-
-def _progress(path: Path) -> tuple[int, int]:
-    match = _CKPT_NAME.fullmatch(path.name)
-    if match is None:
-        return (-1, -1)
-    return int(match[1]), int(match[2] or 0)
-
-
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's epoch and mid-epoch checkpoints, oldest progress first."""
-    found = [p for p in (run_dir / "checkpoints").glob("epoch-*.pt") if _progress(p)[0] >= 0]
-    return sorted(found, key=_progress)
-
-
-def find_resume_checkpoint(target: Path) -> Path:
-    """`target` is a checkpoint file or a run directory; return the newest loadable checkpoint."""
-    if target.is_file():
-        return target
-    if not target.is_dir():
-        raise TrainingError(f"--resume: {target} is neither a run directory nor a checkpoint")
-    found = latest_loadable(run_checkpoints(target))
-    if found is None:
-        raise TrainingError(f"no loadable checkpoint under {target}/checkpoints to resume from")
-    return found[0]
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C or SIGTERM: a checkpoint was written; the message says how to resume."""
 
 
 class _StopRequests:
@@ -319,25 +145,6 @@ class _EpochProgress:
     seen: int = 0
     seconds: float = 0.0
     augment_rng: torch.Tensor | None = None
-
-
-def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
-    """Fail before training, not after an hour, when the run directory cannot hold the run."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise TrainingError(
-            f"cannot write to run directory {run_dir}: {e.strerror or e}; choose another --runs-dir"
-        ) from e
-    free = shutil.disk_usage(run_dir).free
-    needed = checkpoint_bytes * copies + (16 << 20)
-    if free < needed:
-        raise TrainingError(
-            f"only {free >> 20} MB free under {run_dir}; this run needs about {needed >> 20} MB "
-            "for its checkpoints. Free some space or choose another --runs-dir"
-        )
 
 
 class _Trainer:
@@ -380,7 +187,7 @@ class _Trainer:
                 "drop --sync-bn (each rank then normalises over its own share of the batch)"
             )
         # Rank 0 fetches and verifies the files first; the others then read the same cache.
-        self.data = distributed.main_first(lambda: prepare_data(data_cfg, log=self.log))
+        self.data = distributed.main_first(lambda: data.prepare_data(data_cfg, log=self.log))
         n_train = len(self.data.train_x)
         world = self.dist.world_size
         if train_cfg.batch_size * world > n_train:
@@ -481,18 +288,13 @@ class _Trainer:
         self.log(f"resumed after epoch {self.start_epoch}{where} of {self.cfg.epochs}{procs}")
 
     def _rescale_schedule(self, epochs_done: int) -> None:
-        """Another world size means another global batch and steps per epoch: put the per-step
-        schedule at the start of epoch `epochs_done + 1` and re-apply the scaled peak lr."""
-        peak = peak_lr(self.cfg, self.dist.world_size)
+        """Another world size means another global batch and steps per epoch: restart the
+        per-step schedule at the start of epoch `epochs_done + 1` from the scaled peak lr."""
         for group in self.optimizer.param_groups:
-            group["initial_lr"] = peak
-        self.scheduler.base_lrs = [peak for _ in self.optimizer.param_groups]
-        step = epochs_done * self.steps_per_epoch
-        self.scheduler.last_epoch = step
-        factor = lr_factor(step, cfg=self.cfg, steps_per_epoch=self.steps_per_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = peak * factor
-        self.scheduler._last_lr = [peak * factor for _ in self.optimizer.param_groups]
+            group["initial_lr"] = peak_lr(self.cfg, self.dist.world_size)
+        self.scheduler = make_scheduler(
+            self.optimizer, self.cfg, self.steps_per_epoch, step=epochs_done * self.steps_per_epoch
+        )
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         # A run killed after writing metrics but before its checkpoint would duplicate rows.
@@ -501,7 +303,7 @@ class _Trainer:
             return
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         kept = [r for r in rows if r.get("epoch", 0) <= epochs_done]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _state(self, epoch: int) -> dict[str, Any]:
         partial = None
@@ -553,7 +355,7 @@ class _Trainer:
         model = self.eval_forward if model is None else model
         if not self.dist.enabled and not self.cfg.compile:
             # Judged through a copy with its batch norms folded, the form `evaluate`, `predict`
-            # and `serve` load (logits within 1e-5); evaluation runs 1.1-1.4x faster (README).
+            # and `serve` load (logits within 1e-5), and faster to run (docs/speed.md).
             model = self.runtime.prepare_model(folded_copy(model))
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
@@ -579,10 +381,38 @@ class _Trainer:
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch (or the rest of one, after a resume): step, log, checkpoint when asked."""
         from tqdm import tqdm
 
-        cfg, d, p = self.cfg, self.data, self.progress
+        p = self.progress
         self.forward.train()
+        batches, augment_rng = self._epoch_batches(epoch)
+        start = time.perf_counter() - p.seconds
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=p.step,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            disable=None if self.dist.is_main else True,
+            unit="batch",
+        )
+        with bar:
+            for images_u8, labels in batches:
+                if p.step >= self.steps_per_epoch:
+                    break
+                loss = self._step(epoch, images_u8, labels, augment_rng)
+                if p.step % self.cfg.log_interval == 0:
+                    rate = p.seen / max(1e-9, time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
+                bar.update()
+                self._mid_epoch_checkpoint(epoch, time.perf_counter() - start, augment_rng)
+        return self._epoch_metrics(time.perf_counter() - start)
+
+    def _epoch_batches(
+        self, epoch: int
+    ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], torch.Generator]:
+        """This rank's batches of the epoch, and the augmentation stream they are drawn with."""
+        cfg, d, p = self.cfg, self.data, self.progress
         rank, world = self.dist.rank, self.dist.world_size
         # Every rank draws the same permutation and takes its own stride of it.
         indices = data.epoch_indices(
@@ -596,79 +426,82 @@ class _Trainer:
         augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + (rank << 40))
         if p.augment_rng is not None:
             augment_rng.set_state(p.augment_rng)
-        start = time.perf_counter() - p.seconds
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=p.step,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=None if self.dist.is_main else True,
-            unit="batch",
+        return batches, augment_rng
+
+    def _step(
+        self,
+        epoch: int,
+        images_u8: torch.Tensor,
+        labels: torch.Tensor,
+        augment_rng: torch.Generator,
+    ) -> float:
+        """Augment one batch, take one optimizer step (or skip a non-finite one), count it."""
+        cfg, p = self.cfg, self.progress
+        images = data.training_batch(
+            images_u8, self.data_cfg, augment_rng, self.data.mean, self.data.std
         )
-        for images_u8, labels in batches:
-            if p.step >= self.steps_per_epoch:
-                break
-            images = data.training_batch(images_u8, self.data_cfg, augment_rng, d.mean, d.std)
-            try:
-                loss, err = train_step(
-                    self.forward,
-                    images,
-                    labels,
-                    self.optimizer,
-                    self.runtime,
-                    label_smoothing=cfg.label_smoothing,
-                    grad_clip=cfg.grad_clip,
-                )
-            except NonFiniteLoss as e:
-                if not cfg.skip_nonfinite:
-                    raise TrainingError(
-                        f"loss became {e.value} at epoch {epoch + 1}, step {p.step + 1}; lower "
-                        "--lr, set --grad-clip, or pass --skip-nonfinite (checkpoints in "
-                        f"{self.run_dir} hold the last good weights)"
-                    ) from None
-                self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
-                loss, err = torch.zeros(()), torch.ones(())
-            else:
-                if self.average is not None:
-                    self.average.update()
-            self.scheduler.step()
-            p.step += 1
-            p.loss_sum += float(loss) * len(labels)
-            p.err_sum += float(err) * len(labels)
-            p.seen += len(labels)
-            if p.step % cfg.log_interval == 0:
-                rate = p.seen / max(1e-9, time.perf_counter() - start)
-                bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:,.0f}")
-            bar.update()
-            periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
-            if (self._stop_requested() or periodic) and p.step < self.steps_per_epoch:
-                p.seconds = time.perf_counter() - start
-                p.augment_rng = augment_rng.get_state()
-                if cfg.save_model:
-                    self._save(epoch)
-                if self.stop.requested:
-                    bar.close()
-                    raise TrainingInterrupted(
-                        f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
-                        f"Continue with: mnist-resnet train --resume {self.run_dir}"
-                        if cfg.save_model
-                        else f"stopped at epoch {epoch + 1}, step {p.step} (--no-save-model: "
-                        "nothing saved)"
-                    )
-        bar.close()
-        seconds = time.perf_counter() - start
-        # Metrics of the whole global batch stream, the same on every rank.
+        try:
+            loss, err = train_step(
+                self.forward,
+                images,
+                labels,
+                self.optimizer,
+                self.runtime,
+                label_smoothing=cfg.label_smoothing,
+                grad_clip=cfg.grad_clip,
+            )
+        except NonFiniteLoss as e:
+            if not cfg.skip_nonfinite:
+                raise TrainingError(
+                    f"loss became {e.value} at epoch {epoch + 1}, step {p.step + 1}; lower "
+                    "--lr, set --grad-clip, or pass --skip-nonfinite (checkpoints in "
+                    f"{self.run_dir} hold the last good weights)"
+                ) from None
+            self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
+            loss, err = torch.zeros(()), torch.ones(())
+        else:
+            if self.average is not None:
+                self.average.update()
+        self.scheduler.step()
+        p.step += 1
+        p.loss_sum += float(loss) * len(labels)
+        p.err_sum += float(err) * len(labels)
+        p.seen += len(labels)
+        return float(loss)
+
+    def _mid_epoch_checkpoint(
+        self, epoch: int, seconds: float, augment_rng: torch.Generator
+    ) -> None:
+        """Save every --checkpoint-steps steps, and on Ctrl-C/SIGTERM save and stop."""
+        cfg, p = self.cfg, self.progress
+        periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
+        if not (self._stop_requested() or periodic) or p.step >= self.steps_per_epoch:
+            return  # the epoch's own checkpoint follows at its end
+        p.seconds = seconds
+        p.augment_rng = augment_rng.get_state()
+        if cfg.save_model:
+            self._save(epoch)
+        if self.stop.requested:
+            raise TrainingInterrupted(
+                f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
+                f"Continue with: mnist-resnet train --resume {self.run_dir}"
+                if cfg.save_model
+                else f"stopped at epoch {epoch + 1}, step {p.step} (--no-save-model: nothing saved)"
+            )
+
+    def _epoch_metrics(self, seconds: float) -> dict[str, float]:
+        """Loss and error over the whole global batch stream (the same on every rank)."""
+        p = self.progress
         loss_sum, err_sum, seen = distributed.all_reduce_sum(
             torch.tensor([p.loss_sum, p.err_sum, float(p.seen)], dtype=torch.float64)
         ).tolist()
-        row = {
+        self.progress = _EpochProgress()
+        return {
             "train_loss": loss_sum / max(1, seen),
             "train_error": err_sum / max(1, seen),
             "images_per_second": seen / max(1e-9, seconds),
             "train_seconds": seconds,
         }
-        self.progress = _EpochProgress()
-        return row
 
     def _candidate(self) -> nn.Module:
         """The weights an epoch is judged by: the running average if there is one."""
@@ -689,8 +522,8 @@ class _Trainer:
         writer = None
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(
-                json.dumps(self._state(0)["config"], indent=2) + "\n"
+            atomic_write_text(
+                self.run_dir / "config.json", json.dumps(self._state(0)["config"], indent=2) + "\n"
             )
             writer = _tensorboard_writer(self.run_dir)
         procs = ""
@@ -787,7 +620,7 @@ class _Trainer:
             "train_seconds": seconds,
         }
         if self.dist.is_main:
-            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
             if self.cfg.save_model:
                 best = self._state(self.best_epoch)
                 best["model"] = self.model.state_dict()
@@ -851,29 +684,24 @@ def _train(
 ) -> TrainResult:
     resume_state = None
     fresh_dir = None
-    if resume is not None and _never_checkpointed(resume):
+    if resume is not None and never_checkpointed(resume):
         # Killed before its first checkpoint: nothing to restore, so start that run over.
         saved = json.loads((resume / "config.json").read_text())
-        preset = saved.get("preset", preset)
-        model_cfg = from_dict(ModelConfig, saved["model"])
-        train_cfg = from_dict(TrainConfig, saved["train"])
-        data_cfg = from_dict(DataConfig, {**saved["data"], "data_dir": data_cfg.data_dir})
+        preset, model_cfg, train_cfg, data_cfg = saved_configs(saved, preset, data_cfg.data_dir)
         log(f"{resume} has no checkpoint yet: starting that run from the beginning")
         fresh_dir, resume = resume, None
     if fresh_dir is not None:
         run_dir = fresh_dir
     elif resume is not None:
         # Rank 0 picks and reads the checkpoint; every rank then restores the same state.
-        ckpt, resume_state = distributed.main_only(lambda: _load_resume(resume))
-        saved = resume_state["config"]
-        preset = saved.get("preset", preset)
-        model_cfg = from_dict(ModelConfig, saved["model"])
-        train_cfg = from_dict(TrainConfig, saved["train"])
-        data_cfg = from_dict(DataConfig, {**saved["data"], "data_dir": data_cfg.data_dir})
+        ckpt, resume_state = distributed.main_only(lambda: load_resume(resume))
+        preset, model_cfg, train_cfg, data_cfg = saved_configs(
+            resume_state["config"], preset, data_cfg.data_dir
+        )
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     else:
         # Rank 0 names the run (the default name holds the time) and checks it is new.
-        run_dir = distributed.main_only(lambda: _new_run_dir(preset, train_cfg, data_cfg))
+        run_dir = distributed.main_only(lambda: new_run_dir(preset, train_cfg, data_cfg))
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
     trainer = _Trainer(
@@ -886,28 +714,3 @@ def _train(
         resume_state=resume_state,
     )
     return trainer.run()
-
-
-def _never_checkpointed(target: Path) -> bool:
-    return (
-        target.is_dir()
-        and (target / "config.json").is_file()
-        and not (target / "metrics.jsonl").exists()
-        and not run_checkpoints(target)
-    )
-
-
-def _load_resume(target: Path) -> tuple[Path, dict[str, Any]]:
-    ckpt = find_resume_checkpoint(target)
-    return ckpt, load_checkpoint(ckpt)
-
-
-def _new_run_dir(preset: str, train_cfg: TrainConfig, data_cfg: DataConfig) -> Path:
-    name = train_cfg.name or default_run_name(preset, data_cfg, train_cfg)
-    run_dir = Path(train_cfg.runs_dir) / name
-    if (run_dir / "metrics.jsonl").exists():
-        raise TrainingError(
-            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
-            "continue it or choose another --name"
-        )
-    return run_dir

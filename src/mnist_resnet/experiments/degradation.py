@@ -5,6 +5,9 @@ the identical recipe through `train.train_step`. A finished member leaves `histo
 (written atomically) and is reused by a re-run; an unfinished one resumes from its last
 per-epoch `checkpoint.pt`. Batch order is a function of (seed, epoch) and nothing else is random
 after initialisation, so a resumed member repeats the epochs an uninterrupted one would run.
+
+One file for one study (its members, their resume, the table and the figures); at a little over
+500 lines it reads top to bottom like the experiment it runs.
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,15 +31,12 @@ from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_check
 from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, default_data_dir
 from mnist_resnet.evaluate import evaluate
 from mnist_resnet.experiments import KINDS, DegradationConfig
+from mnist_resnet.files import atomic_write_text
+from mnist_resnet.inference import to_float
 from mnist_resnet.model import ResNet, build_model
+from mnist_resnet.optim import make_optimizer, make_scheduler
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime
-from mnist_resnet.train import (
-    PreparedData,
-    make_optimizer,
-    make_scheduler,
-    prepare_data,
-    train_step,
-)
+from mnist_resnet.train import train_step
 
 Log = Callable[[str], None]
 
@@ -76,17 +74,7 @@ class ExperimentResult:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Temp file in the same folder, then rename: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are results to share
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(value, indent=1) + "\n")
 
 
 def _finite(x: float) -> float | None:
@@ -144,7 +132,7 @@ def _new_history(cfg: DegradationConfig, member: Member, steps_per_epoch: int) -
 
 
 def _error(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, d: PreparedData, rt: Runtime
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, d: data.PreparedData, rt: Runtime
 ) -> float:
     return evaluate(model, x, y, mean=d.mean, std=d.std, runtime=rt).error
 
@@ -152,7 +140,7 @@ def _error(
 def train_member(
     cfg: DegradationConfig,
     member: Member,
-    d: PreparedData,
+    d: data.PreparedData,
     runtime: Runtime,
     member_dir: Path,
     *,
@@ -183,7 +171,7 @@ def train_member(
             for step, (images_u8, labels) in enumerate(batches, 1):
                 iteration = epoch * steps + step
                 probe.armed = (iteration - 1) % cfg.grad_every == 0
-                images = data.to_float(images_u8, d.mean, d.std)
+                images = to_float(images_u8, d.mean, d.std)
                 loss, err = train_step(model, images, labels, optimizer, runtime)
                 scheduler.step()
                 _record_step(history, iteration, float(loss), float(err))
@@ -337,7 +325,7 @@ def run(
     started = time.perf_counter()
     configure_threads(threads)
     runtime = make_runtime(accel=True, amp=None, channels_last=True)
-    d = prepare_data(
+    d = data.prepare_data(
         DataConfig(dataset=cfg.dataset, data_dir=data_dir or default_data_dir(), augment=False),
         log=log,
     )

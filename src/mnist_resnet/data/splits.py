@@ -1,0 +1,175 @@
+"""Datasets in memory: both splits loaded from the verified cache, the held-out validation split,
+and `prepare_data`, which gives training exactly the tensors it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mnist_resnet.config import DataConfig
+from mnist_resnet.data.cache import read_stamp, stamp_matches
+from mnist_resnet.data.datasets import DatasetSpec, Log, get_spec, raw_dir
+from mnist_resnet.data.errors import DataError
+from mnist_resnet.data.idx import read_split
+from mnist_resnet.data.sources import fetch
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    """A dataset in memory: images (N,28,28) uint8, labels (N,) int64."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    hashes: dict[str, str]  # file name -> content SHA-256
+    sources: dict[str, str]
+    spec: DatasetSpec
+
+
+def load(
+    dataset: str | DatasetSpec, root: Path | str, *, log: Log = print, download: bool = True
+) -> Splits:
+    """Load both splits, fetching first unless the cache's size/mtime stamp still matches.
+
+    The stamp in SOURCES.json is written only after a full hash check, so a file whose size
+    and mtime are unchanged since then is trusted without re-hashing; anything else is
+    re-verified (and re-fetched if needed) through `fetch`.
+    """
+    spec = get_spec(dataset)
+    raw = raw_dir(root, spec)
+    stamp = read_stamp(raw)
+    if not stamp_matches(raw, spec, stamp):
+        fetch(spec, root, log=log, download=download)
+        stamp = read_stamp(raw)
+    classes = len(spec.classes)
+    train = read_split(raw / spec.train_images.name, raw / spec.train_labels.name, classes)
+    test = read_split(raw / spec.test_images.name, raw / spec.test_labels.name, classes)
+    return Splits(
+        *train,
+        *test,
+        hashes={name: str(rec.get("sha256")) for name, rec in stamp.items()},
+        sources={name: str(rec.get("source")) for name, rec in stamp.items()},
+        spec=spec,
+    )
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    raw_dir: Path
+    classes: tuple[str, ...]
+    train_class_counts: tuple[int, ...]
+    test_class_counts: tuple[int, ...]
+    pixel_mean: float  # training pixels scaled to [0, 1]
+    pixel_std: float
+    hashes: dict[str, str]
+    sources: dict[str, str]
+
+    @property
+    def train_count(self) -> int:
+        return sum(self.train_class_counts)
+
+    @property
+    def test_count(self) -> int:
+        return sum(self.test_class_counts)
+
+
+def _pixel_stats(images: Tensor) -> tuple[float, float]:
+    # A 256-bin histogram gives the exact mean/std without a 376 MB float64 copy.
+    hist = torch.bincount(images.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = hist.sum()
+    mean = (hist * values).sum() / n
+    var = (hist * (values - mean) ** 2).sum() / n
+    return float(mean), float(var.sqrt())
+
+
+def info(dataset: str | DatasetSpec, root: Path | str, *, log: Log = print) -> DatasetInfo:
+    """Counts, class balance, pixel statistics and provenance of a fetched dataset."""
+    splits = load(dataset, root, log=log, download=False)
+    classes = len(splits.spec.classes)
+    mean, std = _pixel_stats(splits.train_images)
+    return DatasetInfo(
+        name=splits.spec.name,
+        raw_dir=raw_dir(root, splits.spec),
+        classes=splits.spec.classes,
+        train_class_counts=tuple(torch.bincount(splits.train_labels, minlength=classes).tolist()),
+        test_class_counts=tuple(torch.bincount(splits.test_labels, minlength=classes).tolist()),
+        pixel_mean=mean,
+        pixel_std=std,
+        hashes=splits.hashes,
+        sources=splits.sources,
+    )
+
+
+def format_info(di: DatasetInfo) -> str:
+    lines = [
+        f"{di.name}  ({di.raw_dir})",
+        f"  train {di.train_count} images, test {di.test_count} images, 28x28 uint8",
+        f"  training pixels: mean {di.pixel_mean:.4f}, std {di.pixel_std:.4f}",
+        "  class             train   test",
+    ]
+    for name, tr, te in zip(di.classes, di.train_class_counts, di.test_class_counts, strict=True):
+        lines.append(f"    {name:<14} {tr:>6} {te:>6}")
+    lines.append("  files:")
+    for fname, sha in di.hashes.items():
+        lines.append(f"    {fname}  sha256 {sha[:16]}…  from {di.sources.get(fname, '?')}")
+    return "\n".join(lines)
+
+
+def split_validation(
+    images: Tensor, labels: Tensor, val_size: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Hold out `val_size` random training examples (the same ones for the same seed)."""
+    n = len(images)
+    if not 0 <= val_size < n:
+        raise DataError(f"validation size {val_size} must be between 0 and {n - 1}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    # Sorted, so both parts keep file order and their content depends only on the seed.
+    val_idx = perm[:val_size].sort().values
+    train_idx = perm[val_size:].sort().values
+    return images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: float
+    std: float
+    hashes: dict[str, str]
+    class_names: tuple[str, ...]
+
+
+def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
+    """Load the dataset, carve the validation split, and optionally keep a subset."""
+    splits = load(cfg.dataset, Path(cfg.data_dir), log=log)
+    train_x, train_y, val_x, val_y = split_validation(
+        splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
+    )
+    if cfg.subset < 1.0:
+        keep = max(1, int(len(train_x) * cfg.subset))
+        train_x, train_y = train_x[:keep], train_y[:keep]
+        keep_val = max(1, int(len(val_x) * cfg.subset)) if len(val_x) else 0
+        val_x, val_y = val_x[:keep_val], val_y[:keep_val]
+    spec = splits.spec
+    return PreparedData(
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=splits.test_images,
+        test_y=splits.test_labels,
+        mean=spec.mean,
+        std=spec.std,
+        hashes=dict(splits.hashes),
+        class_names=tuple(spec.classes),
+    )

@@ -1,0 +1,88 @@
+"""Run directories: their names, the checkpoint a resume starts from, the configs a run saved,
+and the check that a run directory can hold the run before training starts."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, run_checkpoints
+from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig, from_dict
+from mnist_resnet.errors import TrainingError
+
+
+def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{preset}-{cfg.dataset}-s{train_cfg.seed}-{stamp}"
+
+
+def find_resume_checkpoint(target: Path) -> Path:
+    """`target` is a checkpoint file or a run directory; return the newest loadable checkpoint."""
+    if target.is_file():
+        return target
+    if not target.is_dir():
+        raise TrainingError(f"--resume: {target} is neither a run directory nor a checkpoint")
+    found = latest_loadable(run_checkpoints(target))
+    if found is None:
+        raise TrainingError(f"no loadable checkpoint under {target}/checkpoints to resume from")
+    return found[0]
+
+
+def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
+    """Fail before training, not after an hour, when the run directory cannot hold the run."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise TrainingError(
+            f"cannot write to run directory {run_dir}: {e.strerror or e}; choose another --runs-dir"
+        ) from e
+    free = shutil.disk_usage(run_dir).free
+    needed = checkpoint_bytes * copies + (16 << 20)
+    if free < needed:
+        raise TrainingError(
+            f"only {free >> 20} MB free under {run_dir}; this run needs about {needed >> 20} MB "
+            "for its checkpoints. Free some space or choose another --runs-dir"
+        )
+
+
+def saved_configs(
+    saved: dict[str, Any], preset: str, data_dir: str
+) -> tuple[str, ModelConfig, TrainConfig, DataConfig]:
+    """The configs a run saved (config.json or a checkpoint's), with the data folder given now:
+    a resumed run may find its verified files in another place."""
+    return (
+        saved.get("preset", preset),
+        from_dict(ModelConfig, saved["model"]),
+        from_dict(TrainConfig, saved["train"]),
+        from_dict(DataConfig, {**saved["data"], "data_dir": data_dir}),
+    )
+
+
+def never_checkpointed(target: Path) -> bool:
+    return (
+        target.is_dir()
+        and (target / "config.json").is_file()
+        and not (target / "metrics.jsonl").exists()
+        and not run_checkpoints(target)
+    )
+
+
+def load_resume(target: Path) -> tuple[Path, dict[str, Any]]:
+    ckpt = find_resume_checkpoint(target)
+    return ckpt, load_checkpoint(ckpt)
+
+
+def new_run_dir(preset: str, train_cfg: TrainConfig, data_cfg: DataConfig) -> Path:
+    name = train_cfg.name or default_run_name(preset, data_cfg, train_cfg)
+    run_dir = Path(train_cfg.runs_dir) / name
+    if (run_dir / "metrics.jsonl").exists():
+        raise TrainingError(
+            f"run directory {run_dir} already holds a run; pass --resume {run_dir} to "
+            "continue it or choose another --name"
+        )
+    return run_dir
