@@ -8,18 +8,23 @@ hashes, so the model can be rebuilt and its provenance checked from the file alo
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import pickle
 import re
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from mnist_resnet.config import DataConfig, ModelConfig, from_dict
+from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, from_dict
 from mnist_resnet.errors import UserError
 from mnist_resnet.files import atomic_write
-from mnist_resnet.model import build_model, fold_batchnorm
+from mnist_resnet.model import build_model, check_size, fold_batchnorm
 
 FORMAT = "mnist-resnet"
 FORMAT_VERSION = 1
@@ -37,10 +42,32 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
     state["weights_sha256"] = weights_digest(state["model"])
+    state["config_sha256"] = config_digest(state)
     try:
         atomic_write(path, lambda f: torch.save(state, f), durable=True)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
+    except RuntimeError as e:
+        # torch.save reports a failed write (a full disk, say) as its own RuntimeError.
+        why = "no space left on the device" if _disk_full(path) else str(e).splitlines()[0][:120]
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {why}; the previous checkpoint is intact"
+        ) from e
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def config_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over what rebuilds and feeds the model besides its weights: the configs, the
+    normalisation and the class names, so an edited config is caught like edited weights."""
+    covered = {key: state.get(key) for key in ("config", "normalization", "class_names")}
+    text = json.dumps(covered, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:
@@ -60,9 +87,18 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about, and advises loading with weights_only=False, files holding
+            # arbitrary objects: advice a user must not follow for a file they did not make.
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects other than tensors and settings, "
+            "which could run code when loaded (not a file mnist-resnet wrote)"
+        ) from e
     except Exception as e:
         # Damaged files make torch.load fail in many ways (UnpicklingError, RuntimeError,
         # BadZipFile, even AssertionError, found by the hypothesis test): all mean the same.
@@ -89,6 +125,13 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if recorded is not None and recorded != weights_digest(state["model"]):
         raise CheckpointError(
             f"{path}: weights do not match their recorded checksum (tampered or corrupted)"
+        )
+    # Written by every save since the config joined the checksum; older files are still
+    # bounded by the validation in `load_model`.
+    recorded = state.get("config_sha256")
+    if recorded is not None and recorded != config_digest(state):
+        raise CheckpointError(
+            f"{path}: its config does not match its recorded checksum (edited or corrupted)"
         )
     return state
 
@@ -123,8 +166,7 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
     trained weights as saved stay in `LoadedModel.state["model"]`.
     """
     state = load_checkpoint(path)
-    config = state["config"]
-    model_cfg = from_dict(ModelConfig, config["model"])
+    model_cfg, data_cfg, mean, std, class_names = _validated(path, state)
     model = build_model(model_cfg)
     try:
         model.load_state_dict(state["model"])
@@ -135,17 +177,52 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
         fold_batchnorm(model)
     else:
         model.eval()
-    norm = state.get("normalization", {})
     return LoadedModel(
         model=model,
         state=state,
         model_config=model_cfg,
-        data_config=from_dict(DataConfig, config["data"]),
-        preset=str(config.get("preset", "custom")),
-        mean=float(norm.get("mean", 0.0)),
-        std=float(norm.get("std", 1.0)),
-        class_names=tuple(state.get("class_names", [str(i) for i in range(model_cfg.num_classes)])),
+        data_config=data_cfg,
+        preset=str(state["config"].get("preset", "custom")),
+        mean=mean,
+        std=std,
+        class_names=class_names,
     )
+
+
+def _validated(
+    path: Path | str, state: dict[str, Any]
+) -> tuple[ModelConfig, DataConfig, float, float, tuple[str, ...]]:
+    """Everything a model is built and fed from, checked before anything is allocated: the
+    configs (types, bounds, size), the normalisation, the class names, finite weights."""
+    config = state["config"]
+    try:
+        if not isinstance(config, dict):
+            raise ConfigError(f"expected a mapping of configs, got {type(config).__name__}")
+        model_cfg = from_dict(ModelConfig, config.get("model"))
+        data_cfg = from_dict(DataConfig, config.get("data"))
+        check_size(model_cfg)
+        data_cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: invalid saved config ({e}); edited or damaged file") from e
+    norm = state.get("normalization", {})
+    mean, std = (norm.get(k) if isinstance(norm, dict) else None for k in ("mean", "std"))
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in (mean, std)):
+        raise CheckpointError(f"{path}: its normalisation is missing or not finite: {norm!r:.80}")
+    mean, std = float(cast(float, mean)), float(cast(float, std))
+    if not (-10.0 <= mean <= 10.0 and 1e-3 <= std <= 10.0):
+        raise CheckpointError(f"{path}: its normalisation is out of range: mean {mean}, std {std}")
+    names = state.get("class_names", [str(i) for i in range(model_cfg.num_classes)])
+    if (
+        not isinstance(names, list | tuple)
+        or len(names) != model_cfg.num_classes
+        or not all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)
+    ):
+        raise CheckpointError(
+            f"{path}: its class names do not fit its {model_cfg.num_classes} classes"
+        )
+    if not all(torch.isfinite(w).all() for w in state["model"].values() if w.is_floating_point()):
+        raise CheckpointError(f"{path}: its weights are not all finite (NaN or inf): unusable")
+    return model_cfg, data_cfg, mean, std, tuple(names)
 
 
 # Checkpoint names within a run directory: checkpoints/epoch-NNN[-step-SSSSS].pt

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="HTTP API and draw-a-digit page")
     sv.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    sv.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     sv.add_argument(
         "--threads", type=int, default=1, help="inference threads (default: %(default)s)"
     )
@@ -391,8 +393,37 @@ def _launch_processes(args: argparse.Namespace, train_cfg: TrainConfig) -> int:
     return distributed.launch(args.nproc, rest, threads=train_cfg.threads)
 
 
+def _writable_folder(folder: Path, flag: str) -> Path:
+    """Create `folder` if needed and prove a file can be written there, before the long part."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
+def _writable_file(path: Path, flag: str) -> Path:
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    _writable_folder(path.parent, flag)
+    return path
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_resnet.distributed import is_main_process
+    from mnist_resnet.model import check_size
     from mnist_resnet.train import train
 
     model_cfg, train_cfg, data_cfg = train_configs(args)
@@ -402,6 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # A bad flag ends here, in one line, before N processes start.
         for cfg in (model_cfg, train_cfg, data_cfg):
             cfg.validate()
+        check_size(model_cfg)
         return _launch_processes(args, train_cfg)
     resume = _resume_path(args.resume, train_cfg.runs_dir) if args.resume else None
     result = train(model_cfg, train_cfg, data_cfg, preset=args.preset, resume=resume)
@@ -419,6 +451,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from mnist_resnet.evaluate import evaluate_checkpoint
 
+    if args.test_batch_size < 1:
+        raise ConfigError(f"--test-batch-size must be >= 1, got {args.test_batch_size}")
+    # The figures are written after the whole evaluation: check their folder first.
+    _writable_folder(args.out or args.checkpoint.parent, "--out")
     report = evaluate_checkpoint(
         args.checkpoint,
         data_dir=Path(args.data_dir or default_data_dir()),
@@ -437,6 +473,8 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
         raise ConfigError("--test-batch-size must be >= 1")
     if args.select < 0:
         raise ConfigError(f"--select must be >= 0, got {args.select}")
+    if args.json is not None:
+        _writable_file(args.json, "--json")
     # The same data, views and batching for choosing the members and for reporting them.
     options: dict[str, Any] = {
         "data_dir": Path(args.data_dir or default_data_dir()),
@@ -493,6 +531,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.save_preprocessed is not None:
+        _writable_folder(args.save_preprocessed, "--save-preprocessed")
     results = predict_files(
         Predictor.from_checkpoint(args.checkpoint),
         args.inputs,
@@ -526,6 +566,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from None
     if not args.checkpoint.is_file():
         raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    try:  # a port in use (or a host not on this machine) is one line, not uvicorn's exit 3
+        socket.create_server((args.host, args.port)).close()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     serve(args.checkpoint, host=args.host, port=args.port, threads=args.threads)
     return 0

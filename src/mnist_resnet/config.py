@@ -7,10 +7,11 @@ configs as plain dicts so a model can always be rebuilt from its file alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from mnist_resnet.errors import UserError
 
@@ -77,6 +78,11 @@ class DataConfig:
 
 
 BLOCK_KINDS = ("plain", "bottleneck")
+# Limits on what a flag or an edited checkpoint may ask for: far beyond any useful MNIST model
+# (the paper's deepest is 1202 layers at width 1), far below what would exhaust a machine's memory.
+MAX_WIDTH = 16.0
+MAX_DEPTH = 1202
+MAX_CLASSES = 1000
 
 
 def blocks_per_stage(depth: int, block: str = "plain") -> int:
@@ -126,8 +132,10 @@ class ModelConfig:
             raise ConfigError(f"unknown architecture {self.arch!r}; choose resnet or baseline")
         if self.arch == "resnet":
             blocks_per_stage(self.depth, self.block)
-        if self.width <= 0:
-            raise ConfigError(f"--width must be positive, got {self.width}")
+        if not 0 < self.width <= MAX_WIDTH:
+            raise ConfigError(f"--width must be in (0, {MAX_WIDTH:g}], got {self.width}")
+        if self.depth > MAX_DEPTH:
+            raise ConfigError(f"--depth must be at most {MAX_DEPTH}, got {self.depth}")
         if self.stem_stride not in (1, 2):
             raise ConfigError(f"--stem-stride must be 1 or 2, got {self.stem_stride}")
         if self.pool_before_norm and not self.stem_pool:
@@ -136,8 +144,11 @@ class ModelConfig:
             raise ConfigError(
                 "--stem-unshuffle already quarters the pixels: drop --stem-pool / --stem-stride 2"
             )
-        if self.in_channels < 1 or self.num_classes < 2:
-            raise ConfigError("in_channels must be >= 1 and num_classes >= 2")
+        if not 1 <= self.in_channels <= 4 or not 2 <= self.num_classes <= MAX_CLASSES:
+            raise ConfigError(
+                f"in_channels must be 1-4 and num_classes 2-{MAX_CLASSES}, got "
+                f"{self.in_channels} and {self.num_classes}"
+            )
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,14 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1 or self.test_batch_size < 1:
             raise ConfigError("--batch-size and --test-batch-size must be >= 1")
+        for flag, value in (
+            ("--lr", self.lr),
+            ("--weight-decay", self.weight_decay),
+            ("--warmup-epochs", self.warmup_epochs),
+            ("--grad-clip", self.grad_clip),
+        ):
+            if not math.isfinite(value):
+                raise ConfigError(f"{flag} must be a finite number, got {value}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -299,7 +318,30 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type[T], values: dict[str, Any]) -> T:
-    """Rebuild a config from a checkpoint, ignoring keys a newer or older version added."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in values.items() if k in names})
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "bool | None": (bool, type(None)),
+}
+
+
+def from_dict(cls: type[T], values: object) -> T:
+    """Rebuild a config from a checkpoint or config.json, ignoring keys a newer or older version
+    added, and refusing values of the wrong type (the file may have been edited)."""
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{cls.__name__}: expected a mapping of settings, got {type(values).__name__}"
+        )
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in values:
+            continue
+        value, allowed = values[f.name], _FIELD_TYPES.get(str(f.type), (object,))
+        # bool is an int in Python; a flag is never a count, and a count never a flag.
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            raise ConfigError(f"{cls.__name__}.{f.name}: expected {f.type}, got {value!r:.40}")
+        kwargs[f.name] = float(cast(float, value)) if str(f.type) == "float" else value
+    return cls(**kwargs)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
-from mnist_resnet.config import ModelConfig, blocks_per_stage
+from mnist_resnet.config import ConfigError, ModelConfig, blocks_per_stage
 
 # MNIST, Fashion-MNIST and KMNIST are all 28x28; shapes in `summary` are computed from this.
 IMAGE_SIZE = 28
@@ -276,9 +276,57 @@ def resnet(
     )
 
 
+# Far above any model worth training on 28x28 images (ResNet-110 has 1.7M), and at 200 MB of
+# fp32 weights still safe to allocate on a laptop.
+MAX_PARAMETERS = 50_000_000
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model a config describes, on CPU in float32: the caller picks device and dtype."""
+    """The model a config describes, on CPU in float32: the caller picks device and dtype.
+
+    Its size is computed from the config first, so a flag or an edited checkpoint asking for a
+    huge network is refused before any memory is touched.
+    """
+    check_size(cfg)
+    return _build(cfg)
+
+
+def check_size(cfg: ModelConfig) -> None:
+    """Validate the config and refuse a network over MAX_PARAMETERS, computing, not building."""
     cfg.validate()
+    count = conv_weight_count(cfg)
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"that model would have over {count:,} parameters, more than the limit of "
+            f"{MAX_PARAMETERS:,}: lower --width or --depth"
+        )
+
+
+def conv_weight_count(cfg: ModelConfig) -> int:
+    """The weights of every conv and of the head, from the config alone (the few BN and bias
+    terms per channel left out): a lower bound of the parameter count, exact enough to bound it.
+    """
+    if cfg.arch == "baseline":
+        return 0  # fixed size: the pytorch/examples CNN (1.2M)
+    n = blocks_per_stage(cfg.depth, cfg.block)
+    expansion = BottleneckBlock.expansion if cfg.block == "bottleneck" else 1
+    channels = _scaled(STAGE_WIDTHS[0], cfg.width)
+    count = cfg.in_channels * (4 if cfg.stem_unshuffle else 1) * channels * 9
+    for base, stride in zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True):
+        planes = _scaled(base, cfg.width)
+        for i in range(n):
+            inputs = channels if i == 0 else planes * expansion
+            if expansion == 1:
+                count += 9 * inputs * planes + 9 * planes * planes
+            else:
+                count += inputs * planes + 9 * planes * planes + planes * planes * expansion
+            if i == 0 and (stride != 1 or inputs != planes * expansion):
+                count += inputs * planes * expansion  # projection shortcut
+        channels = planes * expansion
+    return count + channels * cfg.num_classes
+
+
+def _build(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "baseline":
         return BaselineNet(cfg.in_channels, cfg.num_classes)
     return resnet(

@@ -24,6 +24,8 @@ from __future__ import annotations
 import glob
 import io
 import json
+import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,7 +73,12 @@ class BlankImage(ImageError):
 def read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
     """A file's bytes, refusing missing, empty and oversized files with a one-line reason."""
     try:
-        with path.open("rb") as f:
+        # Non-blocking open, then a look at what was opened: a FIFO or a device would otherwise
+        # block the open (or the read) forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UnreadableImage("not a regular file (a FIFO, socket or device)")
             payload = f.read(limit + 1)
     except FileNotFoundError:
         raise UnreadableImage("no such file") from None

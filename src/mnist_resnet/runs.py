@@ -3,6 +3,7 @@ and the check that a run directory can hold the run before training starts."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, run_checkpoints
-from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig, from_dict
+from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
 from mnist_resnet.errors import TrainingError
 
 
@@ -51,16 +52,38 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
 
 
 def saved_configs(
-    saved: dict[str, Any], preset: str, data_dir: str
+    saved: object, preset: str, data_dir: str, *, source: Path
 ) -> tuple[str, ModelConfig, TrainConfig, DataConfig]:
-    """The configs a run saved (config.json or a checkpoint's), with the data folder given now:
-    a resumed run may find its verified files in another place."""
-    return (
-        saved.get("preset", preset),
-        from_dict(ModelConfig, saved["model"]),
-        from_dict(TrainConfig, saved["train"]),
-        from_dict(DataConfig, {**saved["data"], "data_dir": data_dir}),
-    )
+    """The configs a run saved (in `source`: config.json or a checkpoint), with the data folder
+    given now: a resumed run may find its verified files in another place."""
+    try:
+        if not isinstance(saved, dict):
+            raise ConfigError(f"expected a mapping of configs, got {type(saved).__name__}")
+        data = saved.get("data")
+        if not isinstance(data, dict):
+            raise ConfigError("DataConfig: missing")
+        configs = (
+            str(saved.get("preset", preset)),
+            from_dict(ModelConfig, saved.get("model")),
+            from_dict(TrainConfig, saved.get("train")),
+            from_dict(DataConfig, {**data, "data_dir": data_dir}),
+        )
+    except ConfigError as e:
+        raise TrainingError(
+            f"{source}: the run's saved configs are damaged ({e}); start a new run instead"
+        ) from e
+    return configs
+
+
+def read_run_config(run_dir: Path) -> object:
+    """The run directory's config.json, parsed; a damaged file is one TrainingError line."""
+    path = run_dir / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TrainingError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e)[:80]}); start a new run instead"
+        ) from e
 
 
 def never_checkpointed(target: Path) -> bool:

@@ -121,8 +121,13 @@ def available_cpus() -> int:
 
 
 def configure_threads(threads: int, world_size: int = 1) -> int:
-    """Set intra-op threads: `threads`, or the cores shared evenly between local processes."""
-    n = threads or max(1, available_cpus() // max(1, world_size))
+    """Set intra-op threads: `threads`, or the cores shared evenly between local processes.
+
+    Never more than the CPUs this process may use: more threads only contend, and absurd
+    counts crash the OpenMP runtime.
+    """
+    cpus = available_cpus()
+    n = min(threads, cpus) if threads else max(1, cpus // max(1, world_size))
     torch.set_num_threads(n)
     return n
 

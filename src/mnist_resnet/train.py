@@ -44,13 +44,14 @@ from mnist_resnet.config import (
 from mnist_resnet.errors import TrainingError, TrainingInterrupted
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
-from mnist_resnet.model import build_model, describe, folded_copy
+from mnist_resnet.model import build_model, check_size, describe, folded_copy
 from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
 from mnist_resnet.runs import (
     check_run_dir,
     load_resume,
     never_checkpointed,
     new_run_dir,
+    read_run_config,
     saved_configs,
 )
 from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
@@ -167,6 +168,11 @@ class _Trainer:
         self.preset, self.run_dir = preset, run_dir
         self.log = log if self.dist.is_main else _quiet
         self.threads = configure_threads(train_cfg.threads, self.dist.local_world_size)
+        if train_cfg.threads > self.threads:
+            self.log(
+                f"note: --threads {train_cfg.threads} is more than the {self.threads} CPUs "
+                f"this process may use; using {self.threads}"
+            )
         seed_everything(train_cfg.seed, train_cfg.deterministic)
         # Rank 0 first: it runs the precision probe (if not cached) while the others wait.
         runtime = distributed.main_first(
@@ -452,10 +458,14 @@ class _Trainer:
             )
         except NonFiniteLoss as e:
             if not cfg.skip_nonfinite:
+                saved = (
+                    f" (checkpoints in {self.run_dir} hold the last good weights)"
+                    if run_checkpoints(self.run_dir)
+                    else ""
+                )
                 raise TrainingError(
                     f"loss became {e.value} at epoch {epoch + 1}, step {p.step + 1}; lower "
-                    "--lr, set --grad-clip, or pass --skip-nonfinite (checkpoints in "
-                    f"{self.run_dir} hold the last good weights)"
+                    f"--lr, set --grad-clip, or pass --skip-nonfinite{saved}"
                 ) from None
             self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
             loss, err = torch.zeros(()), torch.ones(())
@@ -548,6 +558,7 @@ class _Trainer:
             row.update(self._train_epoch(epoch))
             # With --ema-decay the averaged weights are validated, selected and tested.
             selectable = self.model if self.average is None else self.average.model
+            self._check_finite(selectable, epoch)
             if len(self.data.val_x):
                 val = self._evaluate(self.data.val_x, self.data.val_y, self._candidate())
                 row.update(val_loss=val.loss, val_error=val.error)
@@ -581,6 +592,23 @@ class _Trainer:
         if writer is not None:
             writer.close()
         return self._finish(epochs_run, time.perf_counter() - start)
+
+    def _check_finite(self, model: nn.Module, epoch: int) -> None:
+        """Stop before a model whose weights went NaN/inf is judged, selected or saved: its
+        predictions mean nothing (possible with --skip-nonfinite, where a bad step got through)."""
+        if all(
+            torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()
+        ):
+            return
+        kept = (
+            f"best.pt keeps epoch {self.best_epoch}"
+            if self.best_epoch
+            else "nothing was saved as best.pt"
+        )
+        raise TrainingError(
+            f"the weights became NaN or infinite during epoch {epoch + 1}; {kept}. Lower --lr "
+            "or set --grad-clip"
+        )
 
     def _end_epoch(self, epoch: int, row: dict[str, float], improved: bool, writer: Any) -> None:
         if not self.dist.is_main:
@@ -686,8 +714,9 @@ def _train(
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
         # Killed before its first checkpoint: nothing to restore, so start that run over.
-        saved = json.loads((resume / "config.json").read_text())
-        preset, model_cfg, train_cfg, data_cfg = saved_configs(saved, preset, data_cfg.data_dir)
+        preset, model_cfg, train_cfg, data_cfg = saved_configs(
+            read_run_config(resume), preset, data_cfg.data_dir, source=resume / "config.json"
+        )
         log(f"{resume} has no checkpoint yet: starting that run from the beginning")
         fresh_dir, resume = resume, None
     if fresh_dir is not None:
@@ -696,7 +725,7 @@ def _train(
         # Rank 0 picks and reads the checkpoint; every rank then restores the same state.
         ckpt, resume_state = distributed.main_only(lambda: load_resume(resume))
         preset, model_cfg, train_cfg, data_cfg = saved_configs(
-            resume_state["config"], preset, data_cfg.data_dir
+            resume_state["config"], preset, data_cfg.data_dir, source=ckpt
         )
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     else:
@@ -704,6 +733,7 @@ def _train(
         run_dir = distributed.main_only(lambda: new_run_dir(preset, train_cfg, data_cfg))
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
+    check_size(model_cfg)  # before any data is fetched or memory allocated
     trainer = _Trainer(
         model_cfg,
         train_cfg,

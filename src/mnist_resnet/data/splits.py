@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mnist_resnet.config import DataConfig
-from mnist_resnet.data.cache import read_stamp, stamp_matches
+from mnist_resnet.data.cache import read_stamp, stamp_matches, verify
 from mnist_resnet.data.datasets import DatasetSpec, Log, get_spec, raw_dir
 from mnist_resnet.data.errors import DataError
 from mnist_resnet.data.idx import read_split
@@ -150,8 +150,13 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
-    """Load the dataset, carve the validation split, and optionally keep a subset."""
+    """Load the dataset, carve the validation split, and optionally keep a subset.
+
+    Training never trusts the cache's size/mtime stamp alone: every file is hashed again
+    (a fraction of a second for MNIST), so a flipped bit is reported, not trained on.
+    """
     splits = load(cfg.dataset, Path(cfg.data_dir), log=log)
+    verify(cfg.dataset, Path(cfg.data_dir))
     train_x, train_y, val_x, val_y = split_validation(
         splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
     )

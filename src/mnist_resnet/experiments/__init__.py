@@ -7,6 +7,7 @@ their defaults without importing torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,11 @@ class DegradationConfig:
             raise ConfigError("--val-images, val_points and train_eval_images must be >= 1")
         if self.test_images < 0:
             raise ConfigError(f"--test-images must be >= 0 (0: all), got {self.test_images}")
-        if self.lr <= 0 or self.grad_every < 1:
-            raise ConfigError("--lr must be positive and grad_every >= 1")
+        if not 0 < self.lr < math.inf or self.grad_every < 1:
+            raise ConfigError(f"--lr must be positive and finite (got {self.lr}), grad_every >= 1")
+        finite = (self.momentum, self.weight_decay, self.warmup_epochs)
+        if not all(math.isfinite(v) and v >= 0 for v in finite) or self.momentum >= 1:
+            raise ConfigError("momentum must be in [0, 1), weight decay and warmup finite and >= 0")
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(

@@ -282,6 +282,8 @@ def _finished_history(path: Path, cfg: DegradationConfig, member: Member) -> dic
 
 
 def experiment_dir(cfg: DegradationConfig, runs_dir: str = "", name: str = "") -> Path:
+    if name and (Path(name).name != name or name in (".", "..")):
+        raise ConfigError(f"--name {name!r} must be a plain folder name, not a path")
     return Path(runs_dir or TrainConfig().runs_dir) / (name or f"degradation-{cfg.dataset}")
 
 
@@ -322,6 +324,7 @@ def run(
 ) -> ExperimentResult:
     """Train every missing member, then write the table (.md/.json) and both figures."""
     cfg.validate()
+    exp_dir = experiment_dir(cfg, runs_dir, name)  # a bad --name fails before any work
     started = time.perf_counter()
     configure_threads(threads)
     runtime = make_runtime(accel=True, amp=None, channels_last=True)
@@ -342,7 +345,6 @@ def run(
         test_x=d.test_x[:test_n],
         test_y=d.test_y[:test_n],
     )
-    exp_dir = experiment_dir(cfg, runs_dir, name)
     _check_experiment(exp_dir, cfg, d.hashes)
     log(
         f"degradation experiment in {exp_dir}: {cfg.dataset}, {cfg.train_images} training images, "

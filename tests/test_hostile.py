@@ -1,0 +1,317 @@
+"""Hostile files and flags: edited checkpoints, rotten data, full disks, bad outputs, odd files.
+
+Each case ends in one line naming the file or flag, a non-zero exit (2 for bad input), no
+traceback, and nothing half-written. Listed in docs/reliability.md next to the fault it shows.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnist_resnet import data
+from mnist_resnet.checkpoint import CheckpointError, save_checkpoint, weights_digest
+from mnist_resnet.cli import main
+from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig
+from mnist_resnet.errors import TrainingError
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "Warning" not in err, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def _edited(
+    source: Path, dest: Path, edit: Callable[[dict[str, Any]], None], *, sign: bool
+) -> Path:
+    """A copy of a real checkpoint with `edit` applied, saved as a plain torch file would be.
+
+    `sign=False` also drops the config checksum (an old file, or one whose editor removed it),
+    so what catches the edit must be the validation itself.
+    """
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    edit(state)
+    if sign:
+        state["weights_sha256"] = weights_digest(state["model"])
+    else:
+        state.pop("config_sha256", None)
+        state["weights_sha256"] = weights_digest(state["model"])
+    torch.save(state, dest)
+    return dest
+
+
+def _digit_png(folder: Path) -> Path:
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[6:22, 12:16] = 255  # a "1"
+    path = folder / "one.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _set(*keys: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def edit(state: dict[str, Any]) -> None:
+        target = state
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+
+    return edit
+
+
+def _nan_weights(state: dict[str, Any]) -> None:
+    weight = next(v for v in state["model"].values() if v.is_floating_point())
+    weight.fill_(math.nan)
+
+
+EDITS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "width 1000": (_set("config", "model", "width", value=1000.0), "--width"),
+    "width 16, depth 110": (
+        lambda s: s["config"]["model"].update(width=16.0, depth=110),
+        "parameters",
+    ),
+    "no model config": (lambda s: s["config"].pop("model"), "ModelConfig"),
+    "model config a string": (_set("config", "model", value="resnet"), "ModelConfig"),
+    "depth a string": (_set("config", "model", "depth", value="fourteen"), "depth"),
+    "config a list": (_set("config", value=[1, 2]), "mapping"),
+    "std 0": (_set("normalization", "std", value=0.0), "normalisation"),
+    "std nan": (_set("normalization", "std", value=math.nan), "normalisation"),
+    "no normalisation": (lambda s: s.pop("normalization"), "normalisation"),
+    "class names short": (_set("class_names", value=["a", "b"]), "class names"),
+    "NaN weights": (_nan_weights, "not all finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITS))
+def test_an_edited_checkpoint_is_refused_before_anything_is_built(
+    case: str, small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edit, needle = EDITS[case]
+    image = _digit_png(tmp_path)
+    # As saved by anyone but mnist-resnet: the config checksum no longer matches.
+    signed = _edited(small_checkpoint, tmp_path / "signed.pt", edit, sign=True)
+    if case != "NaN weights":  # the weights are not part of the config checksum
+        assert main(["predict", str(signed), str(image)]) == 2
+        assert "checksum" in _one_line(capsys)
+    # With the checksum removed, the validation of every field catches it all the same.
+    unsigned = _edited(small_checkpoint, tmp_path / "unsigned.pt", edit, sign=False)
+    assert main(["predict", str(unsigned), str(image)]) == 2
+    err = _one_line(capsys)
+    assert str(unsigned) in err and needle in err, err
+
+
+def test_evaluate_and_export_share_the_validation(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = _edited(small_checkpoint, tmp_path / "bad.pt", EDITS["width 1000"][0], sign=False)
+    for argv in (
+        ["evaluate", str(bad), "--data-dir", str(mnist_root)],
+        ["export", str(bad), "--format", "torchscript", "--out", str(tmp_path / "m.pt")],
+        ["ensemble", str(bad), str(small_checkpoint), "--data-dir", str(mnist_root)],
+    ):
+        assert main(argv) == 2, argv
+        assert "--width" in _one_line(capsys)
+
+
+def test_a_plain_pickle_is_refused_without_torchs_advice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "mnist-resnet", "payload": io.BytesIO(b"x")}, path)
+    assert main(["predict", str(path), str(_digit_png(tmp_path))]) == 2
+    err = _one_line(capsys)
+    assert "refused" in err and "weights_only" not in err
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_the_cache_is_caught_before_training(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data.fetch("mnist", mnist_root, log=lambda _: None)  # decompressed files and their stamp
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in data.raw_dir(mnist_root, "mnist").iterdir():
+        if not path.name.endswith(".gz") and path.is_file():
+            shutil.copy2(path, raw / path.name)  # keeps the mtimes the stamp recorded
+    labels = raw / "train-labels-idx1-ubyte"
+    stat = labels.stat()
+    content = bytearray(labels.read_bytes())
+    content[100] = (content[100] + 1) % 10
+    labels.write_bytes(bytes(content))
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: size and mtime kept
+    argv = ["train", "--dry-run", "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = _one_line(capsys)
+    expected = data.get_spec("mnist").train_labels.sha256
+    assert str(labels) in err and str(expected) in err and "data fetch" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.pt"))
+
+
+# --- disk -------------------------------------------------------------------------------------
+
+
+def test_a_write_error_inside_torch_save_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "epoch-001.pt"
+    save_checkpoint(path, {"config": {}, "model": {"w": torch.ones(3)}, "epoch": 1})
+    good = path.read_bytes()
+
+    def torn(obj: object, f: io.BufferedWriter) -> None:
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr("mnist_resnet.checkpoint.torch.save", torn)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*previous checkpoint"):
+        save_checkpoint(path, {"config": {}, "model": {"w": torch.zeros(3)}, "epoch": 2})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-001.pt"]
+
+
+# --- numbers ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--weight-decay", "nan"], "--weight-decay"),
+        (["--grad-clip", "nan"], "--grad-clip"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs"),
+        (["--width", "nan"], "--width"),
+        (["--width", "1e6"], "--width"),
+        (["--depth", "1208"], "--depth"),
+        (["--width", "16", "--depth", "56"], "parameters"),
+    ],
+)
+def test_non_finite_and_absurd_numbers_are_refused_up_front(
+    flags: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dry-run", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path)]
+    assert main([*argv, *flags]) == 2
+    assert needle in _one_line(capsys)
+    assert not any(tmp_path.iterdir())  # refused before the data was even looked for
+
+
+def test_threads_beyond_the_machine_are_capped_with_a_note(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dry-run", "--depth", "8", "--threads", "100000"]
+    argv += ["--data-dir", str(mnist_root), "--runs-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "note: --threads 100000 is more than the" in capsys.readouterr().out
+
+
+def test_weights_that_go_nan_never_become_best_pt(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mnist_resnet.train as train_module
+
+    real_step = train_module.train_step
+
+    def poisoning(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = real_step(model, *args, **kwargs)
+        with torch.no_grad():
+            next(iter(model.parameters())).fill_(math.nan)  # as a bad step let through would
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", poisoning)
+    cfgs = (
+        ModelConfig(depth=8),
+        # --skip-nonfinite: the NaN losses that follow are skipped, the NaN weights stay.
+        TrainConfig(
+            epochs=1, runs_dir=str(tmp_path), name="nan", threads=1, skip_nonfinite=True, amp=False
+        ),
+        DataConfig(data_dir=str(mnist_root), subset=0.01),
+    )
+    with pytest.raises(TrainingError, match="NaN or infinite during epoch 1; nothing was saved"):
+        train_module.train(*cfgs, log=lambda _: None)
+    assert not (tmp_path / "nan" / "best.pt").exists()
+
+
+# --- outputs and odd files --------------------------------------------------------------------
+
+
+def test_outputs_are_checked_before_the_work(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    image = str(_digit_png(tmp_path))
+    cases = [
+        (["predict", str(small_checkpoint), image, "--save-preprocessed", str(a_file)], "--save"),
+        (["predict", str(small_checkpoint), image, "--save-preprocessed", "/proc/nope"], "--save"),
+        (["evaluate", str(small_checkpoint), "--out", "/proc/x"], "--out"),
+        (["evaluate", str(small_checkpoint), "--test-batch-size", "0"], "--test-batch-size"),
+        (["evaluate", str(small_checkpoint), "--test-batch-size", "-5"], "--test-batch-size"),
+        (["ensemble", str(small_checkpoint), "--json", "/proc/x.json"], "--json"),
+        (["ensemble", str(small_checkpoint), "--json", str(tmp_path)], "--json"),
+    ]
+    for argv, needle in cases:
+        argv = [*argv, "--data-dir", str(mnist_root)] if argv[0] != "predict" else argv
+        assert main(argv) == 2, argv
+        assert needle in _one_line(capsys), argv
+
+
+def test_serve_refuses_a_bad_or_busy_port(
+    small_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(small_checkpoint), "--port", "70000"])
+    assert exit_info.value.code == 2
+    assert "70000 is not a port" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(small_checkpoint), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in _one_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "{}", '{"model": "x", "train": {}, "data": {}}', "\xff\xfe"]
+)
+def test_resume_of_a_run_with_a_damaged_config_is_one_line(
+    content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes(content.encode("latin-1"))
+    assert main(["train", "--resume", str(run), "--runs-dir", str(tmp_path)]) == 2
+    assert str(run / "config.json") in _one_line(capsys)
+
+
+def test_an_experiment_name_cannot_leave_the_runs_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    argv = ["experiment", "degradation", "--runs-dir", str(runs), "--name", "../escape"]
+    assert main([*argv, "--data-dir", str(tmp_path / "none")]) == 2
+    assert "--name" in _one_line(capsys)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_predict_does_not_hang_on_a_fifo(small_checkpoint: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    argv = [sys.executable, "-m", "mnist_resnet", "predict", str(small_checkpoint), str(fifo)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "not a regular file" in done.stdout and "Traceback" not in done.stderr
