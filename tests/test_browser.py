@@ -120,7 +120,7 @@ def test_drawing_a_digit_shows_the_api_prediction(
             "return document.getElementById('pad').toDataURL('image/png')"
         ).split(",", 1)[1]
     )
-    with TestClient(create_app(small_checkpoint)) as client:
+    with TestClient(create_app(small_checkpoint), base_url="http://localhost") as client:
         answer = client.post("/predict", files={"file": ("canvas.png", png, "image/png")})
     assert answer.status_code == 200
     assert shown == answer.json()["predictions"][0]["prediction"]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mnist_resnet import data
@@ -16,12 +24,12 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 pytest.importorskip("httpx2", reason="httpx2 (Starlette's test client) is not installed")
 from fastapi.testclient import TestClient
 
-from mnist_resnet.serve import MAX_BODY_BYTES, create_app
+from mnist_resnet.serve import MAX_BODY_BYTES, MAX_UPLOAD_PIXELS, SECURITY_HEADERS, create_app
 
 
 @pytest.fixture(scope="module")
 def client(small_checkpoint: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(small_checkpoint)) as c:
+    with TestClient(create_app(small_checkpoint), base_url="http://localhost") as c:
         yield c
 
 
@@ -123,3 +131,152 @@ def test_oversized_and_hostile_uploads_leave_the_server_answering(
     # Still answering, and still right.
     ok = client.post("/predict", files={"file": ("d.png", _png(digits[0][1]), "image/png")})
     assert ok.status_code == 200 and ok.json()["predictions"][0]["prediction"] == str(digits[1][1])
+
+
+# --- bounded, safe, operable ----------------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(client: TestClient) -> None:
+    for answer in (
+        client.get("/"),
+        client.get("/model"),
+        client.post("/predict", content=b"x", headers={"content-type": "text/plain"}),
+    ):
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers.get(name) == value, (answer.request.url, name)
+
+
+def test_only_local_host_names_are_answered_by_default(
+    client: TestClient, small_checkpoint: Path
+) -> None:
+    # A page on evil.example rebinding its name to 127.0.0.1 still sends Host: evil.example.
+    assert client.get("/health", headers={"host": "evil.example"}).status_code == 400
+    assert client.get("/health", headers={"host": "127.0.0.1:8000"}).status_code == 200
+    app = create_app(small_checkpoint, allowed_hosts=["digits.lan"])
+    with TestClient(app, base_url="http://digits.lan") as named:
+        assert named.get("/health").status_code == 200
+
+
+def test_model_info_names_no_local_path_and_probes_answer(
+    client: TestClient, small_checkpoint: Path
+) -> None:
+    info = client.get("/model").json()
+    assert info["checkpoint"] == small_checkpoint.name
+    assert str(small_checkpoint.parent) not in str(info)
+    assert len(info["checkpoint_sha256"]) == 64 and info["recipe"]["model"]["depth"] == 8
+    assert client.get("/livez").json() == {"status": "alive"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["checkpoint_sha256"] == info["checkpoint_sha256"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"json": {"images": [[[1, 2], [3]]]}}, "rows of different lengths"),
+        ({"json": {"images": [[[1] * 28] * 28], "top_k": "²"}}, "JSON"),
+        ({"files": {"file": ("a.png", b"x")}, "data": {"top_k": "²"}}, "top_k"),
+        ({"files": {"file": ("a.png", b"x")}, "data": {"top_k": "٣"}}, "top_k"),
+    ],
+)
+def test_odd_values_are_4xx_not_500(
+    client: TestClient, kwargs: dict[str, object], needle: str
+) -> None:
+    answer = client.post("/predict", **kwargs)  # type: ignore[arg-type]
+    assert 400 <= answer.status_code < 500, answer.text
+    assert needle in answer.json()["detail"]
+
+
+def test_an_upload_over_the_servers_pixel_budget_is_refused(client: TestClient) -> None:
+    # 7000 x 7000 RGBA: 227 KB as PNG, 196 MB decoded; predict takes it, the server does not.
+    img = Image.new("RGBA", (7000, 7000), (255, 255, 255, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    answer = client.post("/predict", files={"file": ("big.png", buf.getvalue(), "image/png")})
+    assert answer.status_code == 400
+    assert f"{MAX_UPLOAD_PIXELS:,}-pixel limit" in answer.json()["detail"]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-300, 300) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=30,
+)
+
+
+@settings(
+    max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
+)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["images", "top_k", "preprocess", "x"]), _json_values, max_size=4
+    )
+)
+def test_no_json_body_makes_a_500(client: TestClient, body: dict[str, object]) -> None:
+    # json.dumps writes NaN and Infinity as bare words, as a careless client would.
+    content = json.dumps(body).encode()
+    answer = client.post("/predict", content=content, headers={"content-type": "application/json"})
+    assert answer.status_code < 500, (body, answer.text)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(["top_k", "file", "other"]), st.text(max_size=6), max_size=3
+    ),
+    payload=st.binary(max_size=64),
+)
+def test_no_multipart_body_makes_a_500(
+    client: TestClient, fields: dict[str, str], payload: bytes
+) -> None:
+    answer = client.post("/predict", data=fields, files={"file": ("f.png", payload)})
+    assert answer.status_code < 500, (fields, payload, answer.text)
+
+
+def _vm(pid: int) -> dict[str, int]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v.split()[0]) for k, _, v in (ln.partition(":") for ln in lines) if "Vm" in k}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_concurrent_large_uploads_keep_the_server_memory_bounded(
+    small_checkpoint: Path, tmp_path: Path
+) -> None:
+    """16 concurrent 16-MP PNG uploads (64 MB each decoded) against a real server process."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "mnist_resnet", "serve", str(small_checkpoint)]
+    server = subprocess.Popen([*argv, "--port", str(port)], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # "serving ..." is printed once the model is loaded
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):  # until uvicorn accepts connections
+            try:
+                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                threading.Event().wait(0.05)
+        pixels = np.full((4000, 4000, 4), 255, np.uint8)
+        pixels[1000:3000, 1800:2200, :3] = 0
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "RGBA").save(buf, "PNG")
+        payload = buf.getvalue()
+        idle = _vm(server.pid)["VmRSS"]
+
+        def post(_: int) -> int:
+            files = {"file": ("big.png", payload, "image/png")}
+            return httpx.post(url + "/predict", files=files, timeout=120).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(post, range(32)))
+        assert codes == [200] * 32
+        vm = _vm(server.pid)
+        assert vm["VmHWM"] < 1_500_000, vm  # KB: peak resident memory under 1.5 GB
+        assert vm["VmRSS"] < idle + 400_000, (idle, vm)  # and most of it handed back
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

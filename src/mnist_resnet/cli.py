@@ -268,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     sv.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     sv.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this Host name (repeatable; localhost names always); "
+        "needed when the server is reached by a name or address other than localhost",
+    )
+    sv.add_argument(
         "--threads", type=int, default=1, help="inference threads (default: %(default)s)"
     )
     xp = sub.add_parser("experiment", help="reproduce a figure of the ResNet paper")
@@ -571,7 +579,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
-    serve(args.checkpoint, host=args.host, port=args.port, threads=args.threads)
+    hosts = list(args.allowed_host)
+    if args.host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        hosts.append(args.host)  # the address it was told to bind is a name clients will use
+    serve(
+        args.checkpoint, host=args.host, port=args.port, threads=args.threads, allowed_hosts=hosts
+    )
     return 0
 
 

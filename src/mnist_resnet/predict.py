@@ -102,7 +102,10 @@ def decode(payload: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(payload))
+            img: Image.Image = Image.open(io.BytesIO(payload))
+            # JPEG can decode straight at a reduced scale: far faster and smaller for big
+            # photos, so the pixel budget applies to what will really be decoded.
+            img.draft("RGB", (WORK_SIDE, WORK_SIDE))
             width, height = img.size
             if width * height > max_pixels:
                 raise UnreadableImage(
@@ -111,9 +114,8 @@ def decode(payload: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
                 )
             if width < 1 or height < 1:
                 raise UnreadableImage(f"image has no pixels ({width} x {height})")
-            # JPEG can decode straight at a reduced scale: far faster for big photos.
-            img.draft("RGB", (WORK_SIDE, WORK_SIDE))
             img.load()
+            img = _reduced(img)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -124,6 +126,18 @@ def decode(payload: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UnreadableImage(f"corrupt or truncated image: {first}") from None
     return img
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """At most WORK_SIDE pixels per side, by an integer box reduction that allocates only the
+    small result, so the full-size decode is the only full-size buffer and is freed at once."""
+    factor = -(-max(img.size) // WORK_SIDE)
+    if factor <= 1:
+        return img
+    try:
+        return img.reduce(factor)
+    except ValueError:  # modes reduce() does not handle (e.g. palette): the copying way
+        return _shrink(img)
 
 
 def load_image(path: Path) -> Image.Image:

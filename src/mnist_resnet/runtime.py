@@ -80,6 +80,23 @@ def retain_freed_memory() -> bool:
     Does nothing where the C library is not glibc, or when the user already set
     MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_; returns whether both settings took.
     """
+    # Both or neither: setting the trim threshold alone also switches off glibc's adaptive
+    # mmap threshold, and large buffers then go through mmap every time (far slower).
+    return _mallopt((_M_MMAP_THRESHOLD, _KEEP_BYTES), (_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+def return_freed_memory() -> bool:
+    """The opposite choice, for a long-lived server: buffers over 1 MiB (a decoded upload) are
+    mapped for themselves and unmapped when freed, so memory goes back to the OS after a burst.
+
+    glibc's adaptive threshold would otherwise rise after the first large free, and the next
+    large buffers would stay in the per-thread arenas of the worker threads, each keeping its
+    own (docs/serving.md). Same conditions as `retain_freed_memory`.
+    """
+    return _mallopt((_M_MMAP_THRESHOLD, 1 << 20))
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
     if any(name in os.environ for name in _MALLOC_ENV):
         return False
     try:
@@ -90,11 +107,7 @@ def retain_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Both or neither: setting the trim threshold alone also switches off glibc's adaptive
-    # mmap threshold, and large buffers then go through mmap every time (far slower).
-    return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
-    )
+    return all([bool(mallopt(param, value)) for param, value in settings])
 
 
 def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runtime:

@@ -8,8 +8,9 @@ unusable content (blank canvas, wrong shape) 422.
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_resnet.checkpoint import load_model
@@ -36,10 +38,30 @@ from mnist_resnet.predict import (
     preprocess,
     preprocess_pixels,
 )
+from mnist_resnet.runtime import return_freed_memory
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_BATCH = 64
 TOP_K = 3
+# An upload is decoded at full size before it is reduced (PNG cannot decode smaller), so the
+# server takes fewer pixels than `predict` does: 16 MP is 64 MB as RGBA, far beyond a digit.
+MAX_UPLOAD_PIXELS = 16_000_000
+# Images decoded at once, whatever the number of requests: bounds memory at about this many
+# full-size decodes, and two cores gain nothing from more.
+IMAGE_WORKERS = 2
+# A request that has not been answered by then gets 503 instead of holding its connection.
+REQUEST_TIMEOUT_S = 30.0
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # The page loads its own script and style only, and posts to this origin.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; "
+        "base-uri 'none'; form-action 'self'"
+    ),
+}
 T = TypeVar("T")
 STATIC_DIR = Path(str(resources.files("mnist_resnet") / "static"))
 
@@ -136,11 +158,39 @@ def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
     )
 
 
-def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
-    """The app with its model loaded; `threads` intra-op threads for inference."""
+class SecurityHeaders:
+    """The headers every response carries: no MIME sniffing, no framing, a strict CSP."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def create_app(
+    checkpoint: Path, *, threads: int = 1, allowed_hosts: Sequence[str] = LOCAL_HOSTS
+) -> FastAPI:
+    """The app with its model loaded and warmed; `threads` intra-op threads for inference.
+
+    Only requests whose Host header names one of `allowed_hosts` are answered (400 otherwise),
+    so a web page elsewhere cannot reach a local server through DNS rebinding.
+    """
     loaded = load_model(checkpoint)
     torch.set_num_threads(max(1, threads))
     predictor = Predictor(loaded)
+    # The first forward builds the kernels: done here, so readiness means a fast first answer.
+    predictor.top_k(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8), 1)
     # One forward at a time: requests are single images (about 1 ms), and interleaved forwards
     # only fight over the same cores; decoding and preprocessing still run in parallel.
     lock = threading.Lock()
@@ -151,8 +201,13 @@ def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
         "class_names": list(loaded.class_names),
         "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"),
-        "checkpoint": str(checkpoint),
+        # The file's name and hash identify the model; its folder is none of a client's business.
+        "checkpoint": checkpoint.name,
         "checkpoint_sha256": hash_file(checkpoint),
+        "recipe": {
+            "model": loaded.state["config"].get("model"),
+            "train": loaded.state["config"].get("train"),
+        },
         "data_hashes": loaded.state.get("data_hashes", {}),
         "normalization": {"mean": loaded.mean, "std": loaded.std},
         "max_body_bytes": MAX_BODY_BYTES,
@@ -172,6 +227,8 @@ def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
         redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -181,6 +238,16 @@ def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    # Kubernetes-style probes: alive while the process answers; ready once the model is loaded
+    # and warmed, which create_app has done before the server accepts a connection.
+    @app.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, str]:
+        return {"status": "ready", "checkpoint_sha256": str(model_info["checkpoint_sha256"])}
 
     @app.get("/model")
     def model() -> dict[str, Any]:
@@ -216,15 +283,20 @@ def create_app(checkpoint: Path, *, threads: int = 1) -> FastAPI:
         size and polarity, preprocessed MNIST-style) or a JSON body `{"images": [28x28, ...]}`.
         """
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "application/json":
-            batch, k = await _json_batch(request)
-        elif kind == "multipart/form-data":
-            batch, k = await _upload_batch(request)
-        else:
+        if kind not in ("application/json", "multipart/form-data"):
             raise HTTPException(
                 415, "send multipart/form-data with image file(s) in field 'file', or JSON"
             )
-        return await _in_thread(run, batch, k)
+        reader = _json_batch if kind == "application/json" else _upload_batch
+
+        async def answer() -> PredictResponse:
+            batch, k = await reader(request)
+            return await _in_thread(run, batch, k)
+
+        try:
+            return await asyncio.wait_for(answer(), REQUEST_TIMEOUT_S)
+        except TimeoutError:
+            raise HTTPException(503, f"not answered within {REQUEST_TIMEOUT_S:g} s") from None
 
     return app
 
@@ -243,6 +315,9 @@ async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
         raise HTTPException(422, f"at most {MAX_BATCH} images per request")
     images = []
     for i, image in enumerate(body.images):
+        rows = {len(row) for row in image}
+        if len(rows) > 1:
+            raise HTTPException(422, f"image {i}: rows of different lengths {sorted(rows)[:4]}")
         arr = np.asarray(image, dtype=np.float32)
         if arr.shape != (IMAGE_SIZE, IMAGE_SIZE) and not body.preprocess:
             raise HTTPException(
@@ -262,6 +337,10 @@ async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
     return np.stack(images), body.top_k
 
 
+# Taken inside the worker threads, so it holds across event loops and test clients alike.
+_image_workers = threading.BoundedSemaphore(IMAGE_WORKERS)
+
+
 async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
     try:
         form = await request.form(max_files=MAX_BATCH, max_fields=MAX_BATCH + 4)
@@ -273,7 +352,9 @@ async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
     if not uploads:
         raise HTTPException(422, "no image: send the image(s) in multipart field 'file'")
     k_field = form.get("top_k", str(TOP_K))
-    if not isinstance(k_field, str) or not k_field.isdigit() or not 1 <= int(k_field) <= 10:
+    # isdecimal accepts only 0-9 in any script, which int() reads; isdigit would let "²" by.
+    valid = isinstance(k_field, str) and k_field.isascii() and k_field.isdecimal()
+    if not valid or not 1 <= int(str(k_field)) <= 10:
         raise HTTPException(422, "top_k must be an integer from 1 to 10")
     images = []
     for i, upload in enumerate(uploads):
@@ -285,18 +366,27 @@ async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
             raise HTTPException(422, f"{name}: {e}") from None
         except ImageError as e:
             raise HTTPException(400, f"{name}: {e}") from None
-    return np.stack(images), int(k_field)
+    return np.stack(images), int(str(k_field))
 
 
 def _decode_and_preprocess(payload: bytes) -> np.ndarray[Any, Any]:
-    return preprocess(decode(payload))
+    with _image_workers:
+        return preprocess(decode(payload, max_pixels=MAX_UPLOAD_PIXELS))
 
 
-def serve(checkpoint: Path, *, host: str = "127.0.0.1", port: int = 8000, threads: int = 1) -> None:
-    """Run the app under uvicorn until interrupted."""
+def serve(
+    checkpoint: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    threads: int = 1,
+    allowed_hosts: Sequence[str] = (),
+) -> None:
+    """Run the app under uvicorn until interrupted; `allowed_hosts` adds to the local names."""
     import uvicorn
 
-    app = create_app(checkpoint, threads=threads)
+    return_freed_memory()  # after a burst of large uploads the memory goes back to the OS
+    app = create_app(checkpoint, threads=threads, allowed_hosts=[*LOCAL_HOSTS, *allowed_hosts])
     uvicorn.run(
         app,
         host=host,
