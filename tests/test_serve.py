@@ -280,3 +280,27 @@ def test_concurrent_large_uploads_keep_the_server_memory_bounded(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_metrics_count_requests_by_code_and_batch_sizes(client: TestClient) -> None:
+    client.post("/predict", json={"images": [[[0] * 28] * 28] * 3, "top_k": 1})
+    client.post("/predict", content=b"x", headers={"content-type": "text/plain"})
+    answer = client.get("/metrics")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    text = answer.text
+    for name in (
+        "mnist_resnet_request_seconds_bucket",
+        "mnist_resnet_batch_images_bucket",
+        "mnist_resnet_requests_in_flight",
+        "mnist_resnet_responses_total",
+    ):
+        assert name in text, name
+    counts = {
+        line.split('code="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mnist_resnet_responses_total{")
+    }
+    assert counts.get("200", 0) >= 1 and counts.get("415", 0) >= 1
+    assert 'mnist_resnet_batch_images_bucket{le="4.0"}' in text
+    client.get("/no/such/path/1")  # unknown paths share one label: no label per path
+    assert 'mnist_resnet_request_seconds_count{path="other"}' in client.get("/metrics").text

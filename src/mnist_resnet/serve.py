@@ -1,15 +1,17 @@
 """HTTP API (FastAPI on uvicorn) and the draw-a-digit page; the model is loaded once per process.
 
 Endpoints: `POST /predict` (image uploads, or JSON 28x28 pixel arrays; batches allowed),
-`GET /health`, `GET /model`, `GET /openapi.json`, and `GET /` (the page, assets beside this
-file, nothing from a CDN). Bodies over `MAX_BODY_BYTES` get 413, unreadable images 400,
-unusable content (blank canvas, wrong shape) 422.
+`GET /health`, `/livez`, `/readyz`, `/model`, `/metrics` (Prometheus), `/openapi.json`, and
+`GET /` (the page, assets beside this file, nothing from a CDN). Bodies over `MAX_BODY_BYTES`
+get 413, unreadable images 400, unusable content (blank canvas, wrong shape) 422. Each request
+costs bounded memory and time: see `MAX_UPLOAD_PIXELS`, `IMAGE_WORKERS`, `REQUEST_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -18,8 +20,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -178,6 +188,70 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
+class Metrics:
+    """Prometheus metrics of one app, in a registry of its own (several apps, one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "mnist_resnet_request_seconds",
+            "Time from request to response, by endpoint",
+            ["path"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.batch = Histogram(
+            "mnist_resnet_batch_images",
+            "Images per model forward",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+        )
+        self.in_flight = Gauge(
+            "mnist_resnet_requests_in_flight", "Requests being answered", registry=self.registry
+        )
+        self.responses = Counter(
+            "mnist_resnet_responses",
+            "Responses sent, by status code",
+            ["code"],
+            registry=self.registry,
+        )
+
+
+class MeasureRequests:
+    """Times every request and counts its response by status code (errors included)."""
+
+    # Known endpoints by name; anything else is counted as "other", so a scan of random
+    # paths cannot create a label per path.
+    PATHS = ("/", "/predict", "/health", "/livez", "/readyz", "/model", "/metrics")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        label = path if path in self.PATHS else "other"
+        started = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.responses.labels(code=str(status)).inc()
+            self.metrics.latency.labels(path=label).observe(time.perf_counter() - started)
+
+
 def create_app(
     checkpoint: Path, *, threads: int = 1, allowed_hosts: Sequence[str] = LOCAL_HOSTS
 ) -> FastAPI:
@@ -214,7 +288,10 @@ def create_app(
         "max_batch": MAX_BATCH,
     }
 
+    metrics = Metrics()
+
     def run(batch: np.ndarray[Any, Any], k: int) -> PredictResponse:
+        metrics.batch.observe(len(batch))
         with lock:
             return _as_response(predictor.top_k(batch, k))
 
@@ -229,6 +306,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(MeasureRequests, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -252,6 +330,10 @@ def create_app(
     @app.get("/model")
     def model() -> dict[str, Any]:
         return model_info
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/predict",
