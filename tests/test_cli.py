@@ -80,8 +80,10 @@ def test_dry_run_then_evaluate(
 
 
 @pytest.mark.slow
-@pytest.mark.numerics
-@pytest.mark.parametrize("flag", ["--amp", "--no-amp", None])
+# The precision the probe picks depends on the kernels: that case also runs in .ci/run's matrix.
+@pytest.mark.parametrize(
+    "flag", ["--amp", "--no-amp", pytest.param(None, marks=pytest.mark.numerics)]
+)
 def test_train_says_its_precision_first_and_evaluate_reproduces_its_accuracy(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str | None
 ) -> None:
