@@ -315,3 +315,19 @@ def test_predict_does_not_hang_on_a_fifo(small_checkpoint: Path, tmp_path: Path)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "not a regular file" in done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("damage", [{"epoch": "one"}, {"rng": {"torch": "x"}}, {"optimizer": {}}])
+def test_resume_from_a_checkpoint_with_damaged_training_state_is_one_line(
+    damage: dict[str, object], mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--depth", "8", "--epochs", "2", "--subset", "0.01", "--no-amp"]
+    argv += ["--data-dir", str(mnist_root), "--runs-dir", str(tmp_path), "--name", "r"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    path = tmp_path / "r" / "checkpoints" / "epoch-001.pt"
+    state = torch.load(path, weights_only=True)
+    state.update(damage)  # not covered by the weight and config checksums
+    torch.save(state, path)
+    assert main(["train", "--resume", str(path), "--data-dir", str(mnist_root)]) == 2
+    assert "training state is damaged" in _one_line(capsys)

@@ -176,14 +176,18 @@ def choose(device: torch.device, amp: bool | None, channels_last: bool) -> Preci
         if not torch.cuda.is_bf16_supported():
             return Precision(None, "fp32: this GPU has no bf16 support")
         if amp is False:
-            return Precision(None, "fp32, as set (--no-amp or the preset)")
+            return Precision(None, "fp32, as set (--no-amp, the preset, or a resumed run)")
         return Precision(
             torch.bfloat16, "bf16 autocast" + (", as set (--amp)" if amp else " on CUDA")
         )
     if device.type != "cpu":
         return Precision(None, f"fp32: bf16 autocast is not used on {device.type}")
     if amp is not None:
-        forced = "bf16 autocast, as set (--amp)" if amp else "fp32, as set (--no-amp or the preset)"
+        forced = (
+            "bf16 autocast, as set (--amp, or the saved config of the run resumed)"
+            if amp
+            else "fp32, as set (--no-amp, the preset, or the saved config of the run resumed)"
+        )
         return Precision(torch.bfloat16 if amp else None, forced)
     probe, source = cpu_probe(channels_last)
     speed = f"a training step ran {probe.speedup:.2f}x as fast as in fp32 on this CPU ({source})"

@@ -229,7 +229,16 @@ class _Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stop = _StopRequests(log)
         if resume_state is not None:
-            self._restore(resume_state)
+            try:
+                self._restore(resume_state)
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                # The checksums cover weights and configs; the rest of a checkpoint (epoch,
+                # optimizer, RNG state, progress) can still be damaged in ways torch loads.
+                raise TrainingError(
+                    f"cannot resume from {run_dir}: its checkpoint's training state is damaged "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else e!r}); "
+                    "resume from an older checkpoint file or start a new run"
+                ) from e
 
     def _note_short_average(self, average: WeightAverage, total_steps: int) -> None:
         # The ramp, not --ema-decay, sets the average of a run shorter than the ramp: say so,
