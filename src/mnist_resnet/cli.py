@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import socket
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -403,10 +402,10 @@ def _launch_processes(args: argparse.Namespace, train_cfg: TrainConfig) -> int:
 
 def _writable_folder(folder: Path, flag: str) -> Path:
     """Create `folder` if needed and prove a file can be written there, before the long part."""
+    from mnist_resnet.files import prove_writable
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
+        prove_writable(folder)
     except OSError as e:
         raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
     return folder

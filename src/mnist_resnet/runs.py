@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, run_checkpoints
 from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
 from mnist_resnet.errors import TrainingError
+from mnist_resnet.files import prove_writable
 
 
 def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
@@ -35,9 +35,7 @@ def find_resume_checkpoint(target: Path) -> Path:
 def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
     """Fail before training, not after an hour, when the run directory cannot hold the run."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        prove_writable(run_dir)
     except OSError as e:
         raise TrainingError(
             f"cannot write to run directory {run_dir}: {e.strerror or e}; choose another --runs-dir"
