@@ -140,7 +140,9 @@ def test_second_ctrl_c_exits_at_once(mnist_root: Path, tmp_path: Path) -> None:
 def _tiny_run(
     root: Path, runs: Path, **train_kw: object
 ) -> tuple[ModelConfig, TrainConfig, DataConfig]:
-    train_cfg = TrainConfig(epochs=1, runs_dir=str(runs), threads=1, **train_kw)  # type: ignore[arg-type]
+    # Precision fixed: these runs replace the training step, which the precision probe would
+    # otherwise time (and trip over) when this session has no cached verdict yet.
+    train_cfg = TrainConfig(epochs=1, runs_dir=str(runs), threads=1, amp=False, **train_kw)  # type: ignore[arg-type]
     return ModelConfig(depth=8), train_cfg, DataConfig(data_dir=str(root), subset=0.02)
 
 
