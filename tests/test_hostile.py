@@ -331,3 +331,24 @@ def test_resume_from_a_checkpoint_with_damaged_training_state_is_one_line(
     torch.save(state, path)
     assert main(["train", "--resume", str(path), "--data-dir", str(mnist_root)]) == 2
     assert "training state is damaged" in _one_line(capsys)
+
+
+def test_evaluate_of_a_missing_checkpoint_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(tmp_path / "nope" / "best.pt")]) == 2
+    assert "checkpoint not found" in _one_line(capsys)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_an_unreadable_training_config_only_costs_the_recorded_precision(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # load_model validates what builds and feeds the model; the training config only tells
+    # evaluate which precision the run used, and a damaged one falls back to deciding anew.
+    odd = _edited(
+        small_checkpoint, tmp_path / "odd.pt", _set("config", "train", value="x"), sign=False
+    )
+    argv = ["evaluate", str(odd), "--data-dir", str(mnist_root), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")

@@ -460,6 +460,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.test_batch_size < 1:
         raise ConfigError(f"--test-batch-size must be >= 1, got {args.test_batch_size}")
+    if not args.checkpoint.is_file():  # before the folder check below creates its folder
+        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
     # The figures are written after the whole evaluation: check their folder first.
     _writable_folder(args.out or args.checkpoint.parent, "--out")
     report = evaluate_checkpoint(
