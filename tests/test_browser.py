@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import shutil
-import socket
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,40 +21,23 @@ if missing:
         allow_module_level=True,
     )
 pytest.importorskip("selenium", reason="selenium is not installed (dev extra)")
-pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
-import uvicorn  # noqa: E402
+pytest.importorskip("granian", reason="the serve extra (fastapi, granian) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from servers import served  # noqa: E402
 
 from mnist_resnet.serve import create_app  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(small_checkpoint: Path) -> Iterator[str]:
-    port = _free_port()
-    config = uvicorn.Config(
-        create_app(small_checkpoint), host="127.0.0.1", port=port, log_level="warning"
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    """The real `mnist-resnet serve` (Granian), as a user starts it."""
+    with served(small_checkpoint) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

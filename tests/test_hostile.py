@@ -286,6 +286,25 @@ def test_serve_refuses_a_bad_or_busy_port(
 
 
 @pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--workers", "0"], "--workers"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--max-batch", "100000"], "--max-batch"),
+        (["--max-delay-ms", "nan"], "--max-delay-ms"),
+        (["--header-timeout", "600"], "--header-timeout"),
+        (["--body-timeout", "0"], "--body-timeout"),
+        (["--max-connections", "0"], "--max-connections"),
+    ],
+)
+def test_serve_settings_out_of_range_are_one_line(
+    flags: list[str], needle: str, small_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(small_checkpoint), *flags]) == 2
+    assert needle in _one_line(capsys)
+
+
+@pytest.mark.parametrize(
     "content", ["{not json", "{}", '{"model": "x", "train": {}, "data": {}}', "\xff\xfe"]
 )
 def test_resume_of_a_run_with_a_damaged_config_is_one_line(

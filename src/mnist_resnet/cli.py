@@ -19,9 +19,11 @@ from mnist_resnet.config import (
     DATASET_NAMES,
     DEFAULT_PRESET,
     PRESETS,
+    SERVE_ENGINES,
     ConfigError,
     DataConfig,
     ModelConfig,
+    ServeConfig,
     TrainConfig,
     default_data_dir,
     preset,
@@ -275,7 +277,70 @@ def build_parser() -> argparse.ArgumentParser:
         "needed when the server is reached by a name or address other than localhost",
     )
     sv.add_argument(
-        "--threads", type=int, default=1, help="inference threads (default: %(default)s)"
+        "--workers",
+        type=int,
+        default=ServeConfig.workers,
+        help="server processes, each with its own model; one per core uses them all "
+        "(default: %(default)s)",
+    )
+    sv.add_argument(
+        "--threads",
+        type=int,
+        default=ServeConfig.threads,
+        help="inference threads per worker (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-batch",
+        type=int,
+        default=ServeConfig.max_batch,
+        help="images per model call when requests are batched together (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=ServeConfig.max_delay_ms,
+        help="longest wait of a request for others to batch with (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--engine",
+        choices=SERVE_ENGINES,
+        default=ServeConfig.engine,
+        help="auto: ONNX Runtime when installed, else PyTorch (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=ServeConfig.header_timeout_s,
+        metavar="SECONDS",
+        help="close connections that have not sent a request's headers by then "
+        "(default: %(default)s)",
+    )
+    sv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=ServeConfig.body_timeout_s,
+        metavar="SECONDS",
+        help="408 when an upload pauses longer than this (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--request-timeout",
+        type=float,
+        default=ServeConfig.request_timeout_s,
+        metavar="SECONDS",
+        help="503 for a request not answered by then (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=ServeConfig.max_concurrency,
+        help="requests answered at once per worker; more wait before their uploads are read "
+        "(default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-connections",
+        type=int,
+        default=ServeConfig.max_connections,
+        help="connections served at once per worker, idle ones included (default: %(default)s)",
     )
     xp = sub.add_parser("experiment", help="reproduce a figure of the ResNet paper")
     xp.add_argument(
@@ -567,25 +632,45 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from mnist_resnet.checkpoint import load_model
+
     try:
         from mnist_resnet.serve import serve
     except ImportError as e:
         raise ConfigError(
             f"serve needs the serve extra ({e.name} is missing): pip install 'mnist-resnet[serve]'"
         ) from None
-    if not args.checkpoint.is_file():
-        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
-    try:  # a port in use (or a host not on this machine) is one line, not uvicorn's exit 3
-        socket.create_server((args.host, args.port)).close()
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
     hosts = list(args.allowed_host)
     if args.host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
         hosts.append(args.host)  # the address it was told to bind is a name clients will use
-    serve(
-        args.checkpoint, host=args.host, port=args.port, threads=args.threads, allowed_hosts=hosts
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_delay_ms=args.max_delay_ms,
+        engine=args.engine,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        request_timeout_s=args.request_timeout,
+        max_concurrency=args.max_concurrency,
+        max_connections=args.max_connections,
+        allowed_hosts=tuple(hosts),
     )
+    config.validate()
+    if not args.checkpoint.is_file():
+        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    # Checked here, once: the worker processes load it again, and a bad file there would only
+    # be a dead worker.
+    load_model(args.checkpoint)
+    try:  # a port in use (or a host not on this machine) is one line, not the server's exit
+        socket.create_server((args.host, args.port)).close()
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
+    print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)")
+    serve(args.checkpoint, config)
     return 0
 
 

@@ -304,6 +304,68 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+SERVE_ENGINES = ("auto", "onnx", "torch")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How `serve` runs: the server process(es), the micro-batcher and the timeouts."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Server processes, each with its own copy of the model (a few MB): one per core uses every
+    # core for decoding and inference (docs/serving.md).
+    workers: int = 1
+    # Intra-op threads of each worker's model calls.
+    threads: int = 1
+    # Micro-batching: images per model call, and how long the first request of a batch may
+    # wait for others (an idle server answers at most this much later).
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    # auto: ONNX Runtime when it is installed (faster for small batches), else the folded
+    # PyTorch model.
+    engine: str = "auto"
+    # A client must send a request's headers within this time and its body without pausing
+    # longer than this, or its connection is closed: idle and slow connections cannot pile up.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 10.0
+    # A request not answered by then gets 503 instead of holding its connection.
+    request_timeout_s: float = 30.0
+    # Requests answered at once per worker (each may hold a body of up to 5 MB); more wait
+    # before their bodies are read, so a burst queues in the network rather than in memory.
+    max_concurrency: int = 64
+    # Connections served at once per worker, idle ones included (Granian's backpressure): far
+    # above what clients need, since the header timeout frees the slots of silent ones.
+    max_connections: int = 1024
+    # Host names answered besides the localhost names (DNS-rebinding protection).
+    allowed_hosts: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
+        counts = (self.workers, self.threads, self.max_concurrency, self.max_connections)
+        if min(counts) < 1:
+            raise ConfigError(
+                "--workers, --threads, --max-concurrency and --max-connections must be >= 1"
+            )
+        if not 1 <= self.max_batch <= 1024:
+            raise ConfigError(f"--max-batch must be in 1..1024, got {self.max_batch}")
+        for flag, value, top in (
+            ("--max-delay-ms", self.max_delay_ms, 1000.0),
+            ("--header-timeout", self.header_timeout_s, 60.0),
+            ("--body-timeout", self.body_timeout_s, 3600.0),
+            ("--request-timeout", self.request_timeout_s, 3600.0),
+        ):
+            if not math.isfinite(value) or not 0.0 <= value <= top:
+                raise ConfigError(f"{flag} must be a number in [0, {top:g}], got {value}")
+        if self.header_timeout_s < 0.001 or self.body_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ConfigError("--header-timeout, --body-timeout and --request-timeout must be > 0")
+        if self.engine not in SERVE_ENGINES:
+            raise ConfigError(
+                f"unknown engine {self.engine!r}; choose one of {', '.join(SERVE_ENGINES)}"
+            )
+
+
 def preset(name: str) -> Preset:
     try:
         return PRESETS[name]

@@ -22,7 +22,13 @@ import torch
 from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
 from mnist_resnet.errors import UserError
-from mnist_resnet.inference import predict_logits, to_float
+from mnist_resnet.inference import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    predict_logits,
+    to_float,
+    write_onnx_graph,
+)
 from mnist_resnet.runtime import make_runtime
 
 FORMATS = ("onnx", "torchscript")
@@ -30,9 +36,6 @@ FORMATS = ("onnx", "torchscript")
 # that noise (about 1e-6 here) and far below anything that could flip a prediction.
 PARITY_TOLERANCE = 1e-4
 PARITY_IMAGES = 1000
-OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 
 Log = Callable[[str], None]
 
@@ -104,25 +107,6 @@ def _onnx_modules() -> tuple[Any, Any]:
             "pip install 'mnist-resnet[export]'"
         ) from None
     return onnx, onnxruntime
-
-
-def write_onnx_graph(model: torch.nn.Module, path: Path) -> None:
-    """The network alone as ONNX (input `image` (N,1,28,28) float32, output `logits`)."""
-    example = torch.zeros(2, 1, 28, 28)
-    # The TorchScript-based exporter: the torch.export-based one needs onnxscript and takes
-    # seconds longer for the same graph; this one is fully offline and exact for a CNN.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
 
 
 def export_onnx(loaded: LoadedModel, path: Path) -> None:

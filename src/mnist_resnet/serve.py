@@ -1,18 +1,27 @@
-"""HTTP API (FastAPI on uvicorn) and the draw-a-digit page; the model is loaded once per process.
+"""HTTP API (FastAPI on Granian) and the draw-a-digit page; the model is loaded once per process.
 
 Endpoints: `POST /predict` (image uploads, or JSON 28x28 pixel arrays; batches allowed),
 `GET /health`, `/livez`, `/readyz`, `/model`, `/metrics` (Prometheus), `/openapi.json`, and
 `GET /` (the page, assets beside this file, nothing from a CDN). Bodies over `MAX_BODY_BYTES`
 get 413, unreadable images 400, unusable content (blank canvas, wrong shape) 422. Each request
-costs bounded memory and time: see `MAX_UPLOAD_PIXELS`, `IMAGE_WORKERS`, `REQUEST_TIMEOUT_S`.
+costs bounded memory and time: see `MAX_UPLOAD_PIXELS`, `IMAGE_WORKERS` and `ServeConfig`'s
+timeouts. Requests' images are answered in micro-batches (batching.py).
+
+Granian serves it: its HTTP layer (Rust, hyper) closes connections that do not send their
+headers in time, so idle or slow clients cannot hold the server (uvicorn has no such timeout:
+docs/serving.md), and it runs several worker processes for several cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import multiprocessing
+import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,13 +45,15 @@ from starlette.datastructures import UploadFile
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mnist_resnet.checkpoint import load_model
+from mnist_resnet.batching import BatcherClosed, MicroBatcher
+from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.config import ServeConfig, from_dict, to_dict
 from mnist_resnet.files import hash_file
+from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
 from mnist_resnet.predict import (
     IMAGE_SIZE,
     BlankImage,
     ImageError,
-    Predictor,
     Ranked,
     decode,
     preprocess,
@@ -59,8 +70,6 @@ MAX_UPLOAD_PIXELS = 16_000_000
 # Images decoded at once, whatever the number of requests: bounds memory at about this many
 # full-size decodes, and two cores gain nothing from more.
 IMAGE_WORKERS = 2
-# A request that has not been answered by then gets 503 instead of holding its connection.
-REQUEST_TIMEOUT_S = 30.0
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -73,6 +82,8 @@ SECURITY_HEADERS = {
     ),
 }
 T = TypeVar("T")
+# How `serve` hands its settings to Granian's worker processes, which build the app themselves.
+SETTINGS_ENV = "MNIST_RESNET_SERVE"
 STATIC_DIR = Path(str(resources.files("mnist_resnet") / "static"))
 
 
@@ -107,11 +118,18 @@ class PredictResponse(BaseModel):
 
 
 class BodySizeLimit:
-    """413 for bodies over `limit` bytes: by Content-Length up front, else while streaming."""
+    """413 for bodies over `limit` bytes (by Content-Length up front, else while streaming); 408
+    when the client pauses longer than `timeout` seconds while sending its body."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int = MAX_BODY_BYTES,
+        timeout: float = ServeConfig.body_timeout_s,
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,13 +140,22 @@ class BodySizeLimit:
                 await _send_json(send, 413, f"request body over {self.limit:,} bytes")
                 return
         seen = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body, receive() waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                # Raised inside the endpoint's body parsing; FastAPI answers it.
+                raise HTTPException(
+                    408, f"request body not received: no data for {self.timeout:g} s"
+                ) from None
             seen += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if seen > self.limit:
-                # Raised inside the endpoint's body parsing; FastAPI answers it as a 413.
                 raise HTTPException(413, f"request body over {self.limit:,} bytes")
             return message
 
@@ -149,6 +176,15 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _top_k(scores: np.ndarray[Any, Any], k: int, names: Sequence[str]) -> list[list[Ranked]]:
+    k = max(1, min(k, scores.shape[1]))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [
+        [Ranked(names[int(i)], int(i), float(row[i])) for i in top]
+        for row, top in zip(scores, order, strict=True)
+    ]
 
 
 def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
@@ -252,48 +288,72 @@ class MeasureRequests:
             self.metrics.latency.labels(path=label).observe(time.perf_counter() - started)
 
 
-def create_app(
-    checkpoint: Path, *, threads: int = 1, allowed_hosts: Sequence[str] = LOCAL_HOSTS
-) -> FastAPI:
-    """The app with its model loaded and warmed; `threads` intra-op threads for inference.
+def make_scorer(loaded: LoadedModel, config: ServeConfig) -> tuple[str, Scorer]:
+    """The engine that answers batches: ONNX Runtime when installed (engine auto or onnx), else
+    the folded PyTorch model; its name is shown by /model."""
+    if config.engine in ("auto", "onnx"):
+        try:
+            return "onnxruntime", onnx_scorer(
+                loaded.model, mean=loaded.mean, std=loaded.std, threads=config.threads
+            )
+        except ImportError:
+            if config.engine == "onnx":
+                raise
+    return "torch", torch_scorer(loaded.model, mean=loaded.mean, std=loaded.std)
 
-    Only requests whose Host header names one of `allowed_hosts` are answered (400 otherwise),
-    so a web page elsewhere cannot reach a local server through DNS rebinding.
+
+def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
+    """The app with its model loaded and warmed, answering in micro-batches.
+
+    Only requests whose Host header names a localhost name or one of `config.allowed_hosts` are
+    answered (400 otherwise), so a web page elsewhere cannot reach a local server through DNS
+    rebinding.
     """
+    config = config or ServeConfig()
     loaded = load_model(checkpoint)
-    torch.set_num_threads(max(1, threads))
-    predictor = Predictor(loaded)
-    # The first forward builds the kernels: done here, so readiness means a fast first answer.
-    predictor.top_k(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8), 1)
-    # One forward at a time: requests are single images (about 1 ms), and interleaved forwards
-    # only fight over the same cores; decoding and preprocessing still run in parallel.
-    lock = threading.Lock()
+    torch.set_num_threads(config.threads)
+    engine, scorer = make_scorer(loaded, config)
+    # The first calls build the kernels: done here, so readiness means a fast first answer.
+    for n in sorted({1, config.max_batch}):
+        scorer(np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+    metrics = Metrics()
+    batcher = MicroBatcher(
+        scorer,
+        max_batch=config.max_batch,
+        max_delay_s=config.max_delay_ms / 1000.0,
+        observe=metrics.batch.observe,
+    )
+    # Requests past this many wait here, before their bodies are read: bounds the memory held in
+    # request bodies at max_concurrency x MAX_BODY_BYTES whatever the number of clients.
+    admission = asyncio.Semaphore(config.max_concurrency)
+    class_names = list(loaded.class_names)
     test = loaded.state.get("test") or {}
+    sha256 = hash_file(checkpoint)
     model_info = {
         "preset": loaded.preset,
         "dataset": loaded.data_config.dataset,
-        "class_names": list(loaded.class_names),
+        "class_names": class_names,
         "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"),
         # The file's name and hash identify the model; its folder is none of a client's business.
         "checkpoint": checkpoint.name,
-        "checkpoint_sha256": hash_file(checkpoint),
+        "checkpoint_sha256": sha256,
         "recipe": {
             "model": loaded.state["config"].get("model"),
             "train": loaded.state["config"].get("train"),
         },
         "data_hashes": loaded.state.get("data_hashes", {}),
         "normalization": {"mean": loaded.mean, "std": loaded.std},
+        "engine": engine,
+        "batching": {"max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms},
         "max_body_bytes": MAX_BODY_BYTES,
         "max_batch": MAX_BATCH,
     }
 
-    metrics = Metrics()
-
-    def run(batch: np.ndarray[Any, Any], k: int) -> PredictResponse:
-        metrics.batch.observe(len(batch))
-        with lock:
-            return _as_response(predictor.top_k(batch, k))
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(batcher.close)
 
     app = FastAPI(
         title="mnist-resnet",
@@ -302,9 +362,10 @@ def create_app(
         # Swagger UI / ReDoc load their scripts from a CDN; the schema itself stays offline.
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES, timeout=config.body_timeout_s)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOCAL_HOSTS, *config.allowed_hosts])
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MeasureRequests, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -360,7 +421,7 @@ def create_app(
             }
         },
     )
-    async def predict(request: Request) -> PredictResponse:
+    async def predict(request: Request, response: Response) -> PredictResponse:
         """Top-k classes for uploaded images (multipart field `file`, repeatable; any format,
         size and polarity, preprocessed MNIST-style) or a JSON body `{"images": [28x28, ...]}`.
         """
@@ -372,13 +433,20 @@ def create_app(
         reader = _json_batch if kind == "application/json" else _upload_batch
 
         async def answer() -> PredictResponse:
-            batch, k = await reader(request)
-            return await _in_thread(run, batch, k)
+            async with admission:
+                batch, k = await reader(request)
+                scores = await batcher.submit(batch)
+            return _as_response(_top_k(scores, k, class_names))
 
+        response.headers["X-Model-SHA256"] = sha256
         try:
-            return await asyncio.wait_for(answer(), REQUEST_TIMEOUT_S)
+            return await asyncio.wait_for(answer(), config.request_timeout_s)
         except TimeoutError:
-            raise HTTPException(503, f"not answered within {REQUEST_TIMEOUT_S:g} s") from None
+            raise HTTPException(
+                503, f"not answered within {config.request_timeout_s:g} s"
+            ) from None
+        except BatcherClosed as e:
+            raise HTTPException(503, str(e)) from None
 
     return app
 
@@ -456,26 +524,38 @@ def _decode_and_preprocess(payload: bytes) -> np.ndarray[Any, Any]:
         return preprocess(decode(payload, max_pixels=MAX_UPLOAD_PIXELS))
 
 
-def serve(
-    checkpoint: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    threads: int = 1,
-    allowed_hosts: Sequence[str] = (),
-) -> None:
-    """Run the app under uvicorn until interrupted; `allowed_hosts` adds to the local names."""
-    import uvicorn
-
+def app_from_environment() -> FastAPI:
+    """Granian's factory: each worker process builds the app from the settings `serve` left in
+    the environment."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
     return_freed_memory()  # after a burst of large uploads the memory goes back to the OS
-    app = create_app(checkpoint, threads=threads, allowed_hosts=[*LOCAL_HOSTS, *allowed_hosts])
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        # A bounded server: refuse (503) beyond this many open connections rather than queue
-        # without limit, and drop idle keep-alive connections quickly.
-        limit_concurrency=256,
-        timeout_keep_alive=5,
-    )
+    config = from_dict(ServeConfig, settings["config"])
+    return create_app(Path(settings["checkpoint"]), config)
+
+
+def serve(checkpoint: Path, config: ServeConfig) -> None:
+    """Run the app under Granian until interrupted (Ctrl-C or SIGTERM)."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server import Server
+
+    settings = {"checkpoint": str(checkpoint.resolve()), "config": to_dict(config)}
+    os.environ[SETTINGS_ENV] = json.dumps(settings)
+    # Fresh worker processes: a fork of this one (which has used torch, so its OpenMP pool
+    # exists) hangs at its first parallel kernel.
+    multiprocessing.set_start_method("spawn", force=True)
+    Server(
+        "mnist_resnet.serve:app_from_environment",
+        factory=True,
+        interface=Interfaces.ASGI,
+        address=config.host,
+        port=config.port,
+        workers=config.workers,
+        http=HTTPModes.http1,
+        websockets=False,
+        # Connections served at once per worker (idle ones too, until the header timeout).
+        backpressure=config.max_connections,
+        http1_settings=HTTP1Settings(header_read_timeout=round(config.header_timeout_s * 1000)),
+        log_level=LogLevels.warning,
+    ).serve()
