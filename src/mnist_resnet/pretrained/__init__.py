@@ -103,7 +103,10 @@ class Recipe:
 
 RECIPES = {
     "mnist": Recipe("best", "mnist", 1),
-    "fashion-mnist": Recipe("best", "fashion-mnist", 1),
+    # 8 of the preset's 15 epochs: the shipped model was trained on a shared 2-core machine.
+    "fashion-mnist": Recipe(
+        "best", "fashion-mnist", 1, overrides=(("train", "epochs", 8),), flags="--epochs 8"
+    ),
 }
 
 
