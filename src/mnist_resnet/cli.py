@@ -282,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "inputs",
         nargs="+",
-        metavar="[CHECKPOINT] IMAGE",
-        help="a checkpoint file (ending in .pt; without one, the pretrained MNIST model), then "
-        "image files, folders or globs",
+        metavar="PATH",
+        help="an optional checkpoint file first (ending in .pt; without one, the pretrained "
+        "MNIST model), then image files, folders or globs",
     )
     _add_pretrained(pr)
     pr.add_argument("--top-k", type=int, default=3, help="classes to show (default: %(default)s)")
