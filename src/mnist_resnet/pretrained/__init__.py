@@ -37,7 +37,9 @@ DEFAULT = "mnist"
 FOLDER = Path(str(resources.files(__name__)))
 # The SHA-256 of each shipped file; `mnist-resnet pretrained package` prints the line to put
 # here. tests/test_pretrained.py checks that file, pin and <name>.json agree.
-SHA256: dict[str, str] = {}
+SHA256: dict[str, str] = {
+    "fashion-mnist": "9a444a7fd77c6da3d002963de1e40099403ce3aa92e9a5a40b1b842679247189",
+}
 # Settings that say where or how fast a run went, not what it learned: ignored when a run is
 # compared with its recipe, and the paths replaced in the shipped config.
 MACHINE_FIELDS = {
@@ -231,7 +233,9 @@ def package(
         "classes": list(state.get("class_names", [])),
         "recipe": f"{recipe.preset} preset{' ' + recipe.flags if recipe.flags else ''}, "
         f"seed {recipe.seed}",
-        "description": preset(recipe.preset).description,
+        # The preset's own words, and what this model's recipe changed in it.
+        "description": preset(recipe.preset).description
+        + (f"; here with {recipe.flags}" if recipe.flags else ""),
         "command": recipe.command,
         "remake": "make pretrained",
         "trained": trained.date().isoformat(),
