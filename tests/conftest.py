@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from datafakes import Tiny, make_tiny
+from datafakes import ShapesRun, Tiny, make_tiny
 
 from mnist_resnet.config import DATA_DIR_ENV
 
@@ -137,3 +137,21 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
 def tiny() -> Tiny:
     """A 12 + 6 image MNIST-layout dataset whose files the data tests serve and corrupt."""
     return make_tiny()
+
+
+# A ResNet-8 for one epoch on 60 images of 24x24 pixels (about 5 s): the user's-folder tests
+# check what flows where (class names, preprocessing, hashes), not how well it learns.
+SHAPES_FLAGS = ("--depth", "8", "--epochs", "1", "--batch-size", "8", "--no-amp")
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory: pytest.TempPathFactory) -> ShapesRun:
+    from datafakes import make_image_folder
+
+    from mnist_resnet.cli import main
+
+    base = tmp_path_factory.mktemp("shapes")
+    folder = make_image_folder(base / "shapes", per_class=20)
+    argv = ["train", "--dataset", f"folder:{folder}", *SHAPES_FLAGS]
+    assert main([*argv, "--runs-dir", str(base / "runs"), "--name", "shapes"]) == 0
+    return ShapesRun(folder, base / "runs" / "shapes", SHAPES_FLAGS)

@@ -140,3 +140,75 @@ def closed_port_url() -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+# ----------------------------------------------------------------------------- own data
+
+SHAPES = ("cross", "disc", "square")
+
+
+def shape_image(kind: str, size: int, jitter: int, *, mode: str = "L") -> Any:
+    """A dark shape on a light background, `size` pixels square, moved by `jitter` pixels."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("L", (size, size), 230)
+    draw = ImageDraw.Draw(img)
+    lo, hi = size // 4 + jitter, 3 * size // 4 + jitter
+    if kind == "disc":
+        draw.ellipse((lo, lo, hi, hi), fill=20)
+    elif kind == "square":
+        draw.rectangle((lo, lo, hi, hi), outline=20, width=max(1, size // 10))
+    else:
+        draw.line((lo, lo, hi, hi), fill=20, width=max(1, size // 10))
+        draw.line((lo, hi, hi, lo), fill=20, width=max(1, size // 10))
+    return img.convert(mode)
+
+
+def make_image_folder(
+    root: Path,
+    *,
+    per_class: int = 8,
+    classes: tuple[str, ...] = SHAPES,
+    test_per_class: int = 0,
+    size: int = 24,
+) -> Path:
+    """One sub-folder of small PNG/JPEG shapes per class (and test/ if asked): a user's folder."""
+    for split, count in (("", per_class), ("test", test_per_class)):
+        for name in classes if count else ():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                img = shape_image(name, size, i % 3 - 1, mode="RGB" if i % 2 else "L")
+                img.save(folder / f"{i:03d}.{'jpg' if i % 4 == 3 else 'png'}")
+    return root
+
+
+def make_npz(path: Path, *, per_class: int = 8, names: bool = True, **extra: Any) -> Path:
+    """x (N,28,28) uint8 and y of the three shapes, with class_names unless `names` is False."""
+    import numpy as np
+
+    images, labels = [], []
+    for label, name in enumerate(SHAPES):
+        for i in range(per_class):
+            images.append(np.asarray(shape_image(name, 28, i % 3 - 1), dtype=np.uint8))
+            labels.append(label)
+    arrays: dict[str, Any] = {"x": np.stack(images), "y": np.asarray(labels, dtype=np.int64)}
+    if names:
+        arrays["class_names"] = np.asarray(SHAPES)
+    arrays.update(extra)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+@dataclass(frozen=True)
+class ShapesRun:
+    """A run of `train --dataset folder:PATH` on three classes of small generated shapes."""
+
+    folder: Path
+    run_dir: Path
+    flags: tuple[str, ...]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "best.pt"

@@ -26,9 +26,15 @@ from mnist_resnet.config import (
     ServeConfig,
     TrainConfig,
     default_data_dir,
+    own_data,
     preset,
 )
 from mnist_resnet.errors import Interrupted, UserError
+
+# The shipped models' names, without importing the package that holds them (it reads files).
+PRETRAINED_NAMES = ("mnist", "fashion-mnist")
+PRETRAINED_DEFAULT = "mnist"
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 # (flag, config field, help) for every flag that overrides a preset value. Types and defaults
 # come from the dataclasses, so the help text can never disagree with the code.
@@ -96,6 +102,17 @@ DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--elastic", "elastic", "elastic distortion strength in pixels, e.g. 34 (0: off)"),
     ("--elastic-sigma", "elastic_sigma", "smoothness of the elastic distortion, pixels"),
     ("--subset", "subset", "fraction of the training split to use"),
+    (
+        "--preprocess",
+        "preprocess",
+        "own image files: mnist (crop to the ink, centre it, as predict does) or resize "
+        "(grayscale, whole picture to 28x28); predict and serve then do the same",
+    ),
+    (
+        "--test-fraction",
+        "test_fraction",
+        "own data without a test set: share of each class held out for testing",
+    ),
 )
 
 
@@ -135,9 +152,30 @@ def _add_switches(
         )
 
 
+def _dataset(text: str) -> str:
+    """A dataset name, or `folder:PATH` / `npz:PATH` with PATH made absolute, so that a resume
+    from another folder (or a torchrun rank) reads the same files."""
+    own = own_data(text)
+    if own is None:
+        if text not in DATASET_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose {', '.join(DATASET_NAMES)}, folder:PATH or npz:PATH"
+            )
+        return text
+    if not own[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a path after '{own[0]}:'")
+    return f"{own[0]}:{Path(own[1]).expanduser().absolute()}"
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dataset", choices=DATASET_NAMES, default=None, help="dataset (default: mnist)"
+        "--dataset",
+        type=_dataset,
+        default=None,
+        metavar="DATASET",
+        help=f"{', '.join(DATASET_NAMES)}, or your own images: folder:PATH (one sub-folder of "
+        "images per class, optional PATH/test/) or npz:PATH (arrays x, y, optional "
+        "class_names) (default: mnist)",
     )
     parser.add_argument(
         "--data-dir",
@@ -191,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(train, DataConfig, DATA_FLAGS)
 
     ev = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix")
-    ev.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    _add_model_choice(ev)
     ev.add_argument(
         "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
     )
     ev.add_argument(
-        "--out", type=Path, default=None, help="folder for figures (default: beside the checkpoint)"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for figures (default: beside the checkpoint; pretrained-NAME/ for a shipped "
+        "model)",
     )
     ev.add_argument("--test-batch-size", type=int, default=TrainConfig().test_batch_size)
     ev.add_argument("--no-accel", action="store_true", help="use the CPU even with a GPU")
@@ -239,8 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(data)
 
     pr = sub.add_parser("predict", help="classify image files (any size, colour, polarity)")
-    pr.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
-    pr.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders or globs")
+    pr.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="PATH",
+        help="an optional checkpoint file first (ending in .pt; without one, the pretrained "
+        "MNIST model), then image files, folders or globs",
+    )
+    _add_pretrained(pr)
     pr.add_argument("--top-k", type=int, default=3, help="classes to show (default: %(default)s)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.add_argument(
@@ -252,10 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     ex = sub.add_parser("export", help="ONNX or TorchScript file, checked against PyTorch")
-    ex.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    _add_model_choice(ex)
     ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     ex.add_argument(
-        "--out", type=Path, default=None, help="output file (default: beside the checkpoint)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output file (default: beside the checkpoint; pretrained-NAME.onnx for a shipped "
+        "model)",
     )
     ex.add_argument(
         "--data-dir",
@@ -265,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sv = sub.add_parser("serve", help="HTTP API and draw-a-digit page")
-    sv.add_argument("checkpoint", type=Path, help="a checkpoint file, e.g. runs/NAME/best.pt")
+    _add_model_choice(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     sv.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     sv.add_argument(
@@ -342,6 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServeConfig.max_connections,
         help="connections served at once per worker, idle ones included (default: %(default)s)",
     )
+    pt = sub.add_parser("pretrained", help="the models shipped in the package; package a run")
+    actions = pt.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="what each shipped model is and how it was made (default)")
+    pk = actions.add_parser(
+        "package", help="turn a finished run of a model's recipe into the shipped files"
+    )
+    pk.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run, e.g. runs/NAME")
+    pk.add_argument("--name", required=True, choices=PRETRAINED_NAMES, help="which model")
+    pk.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for NAME.pt and NAME.json (default: the installed package's)",
+    )
+    pk.add_argument(
+        "--data-dir",
+        default=None,
+        help="data root with the test images to measure it on "
+        "(default: $MNIST_RESNET_DATA or ./data)",
+    )
     xp = sub.add_parser("experiment", help="reproduce a figure of the ResNet paper")
     xp.add_argument(
         "study",
@@ -350,6 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_experiment_options(xp)
     return parser
+
+
+def _add_pretrained(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pretrained",
+        choices=PRETRAINED_NAMES,
+        default=None,
+        help="use a model shipped in the package instead of a checkpoint (without either: "
+        f"{PRETRAINED_DEFAULT})",
+    )
+
+
+def _add_model_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="a checkpoint file, e.g. runs/NAME/best.pt (default: the pretrained "
+        f"{PRETRAINED_DEFAULT} model)",
+    )
+    _add_pretrained(parser)
 
 
 def _add_experiment_options(parser: argparse.ArgumentParser) -> None:
@@ -493,6 +587,29 @@ def _port(text: str) -> int:
     return port
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    pretrained: str | None  # the shipped model's name, or None for a checkpoint
+
+
+def _model_file(checkpoint: Path | None, pretrained: str | None) -> ModelFile:
+    """The checkpoint given, or a shipped model (the MNIST one by default, said in one line)."""
+    from mnist_resnet import pretrained as shipped
+
+    if checkpoint is not None and pretrained is not None:
+        raise ConfigError(
+            f"give a checkpoint ({checkpoint}) or --pretrained {pretrained}, not both"
+        )
+    if checkpoint is not None:
+        return ModelFile(checkpoint, None)
+    name = pretrained or shipped.DEFAULT
+    path = shipped.weights_path(name)
+    hint = "" if pretrained else " (give a checkpoint, or --pretrained fashion-mnist, to change)"
+    print(f"using {shipped.describe(name)}{hint}", file=sys.stderr)
+    return ModelFile(path, name)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_resnet.distributed import is_main_process
     from mnist_resnet.model import check_size
@@ -525,14 +642,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.test_batch_size < 1:
         raise ConfigError(f"--test-batch-size must be >= 1, got {args.test_batch_size}")
-    if not args.checkpoint.is_file():  # before the folder check below creates its folder
-        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    model = _model_file(args.checkpoint, args.pretrained)
+    if not model.path.is_file():  # before the folder check below creates its folder
+        raise ConfigError(f"checkpoint not found: {model.path}")
+    # A shipped model's folder is the installed package: its figures go to the current folder.
+    default_out = Path(f"pretrained-{model.pretrained}") if model.pretrained else None
+    out = args.out or default_out
     # The figures are written after the whole evaluation: check their folder first.
-    _writable_folder(args.out or args.checkpoint.parent, "--out")
+    _writable_folder(out or model.path.parent, "--out")
     report = evaluate_checkpoint(
-        args.checkpoint,
+        model.path,
         data_dir=Path(args.data_dir or default_data_dir()),
-        out_dir=args.out,
+        out_dir=out,
         batch_size=args.test_batch_size,
         accel=not args.no_accel,
     )
@@ -588,6 +709,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     name = args.dataset or DataConfig().dataset
     root = Path(args.data_dir or default_data_dir())
+    if own_data(name) is not None and args.action != "info":
+        raise ConfigError(f"{name} is your own data: nothing to {args.action}; try `data info`")
     if args.action == "fetch":
         data.fetch(name, root)
         print(f"{name}: verified files in {root}")
@@ -605,11 +728,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    inputs = list(args.inputs)
+    checkpoint = None
+    if Path(inputs[0]).suffix.lower() in CHECKPOINT_SUFFIXES:
+        checkpoint = Path(inputs.pop(0))
+        if not inputs:
+            raise ConfigError(f"give the image files to classify after {checkpoint}")
     if args.save_preprocessed is not None:
         _writable_folder(args.save_preprocessed, "--save-preprocessed")
+    model = _model_file(checkpoint, args.pretrained)
     results = predict_files(
-        Predictor.from_checkpoint(args.checkpoint),
-        args.inputs,
+        Predictor.from_checkpoint(model.path),
+        inputs,
         k=args.top_k,
         save_preprocessed=args.save_preprocessed,
     )
@@ -621,10 +751,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from mnist_resnet.export import export
 
+    model = _model_file(args.checkpoint, args.pretrained)
+    suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
+    default_out = Path(f"pretrained-{model.pretrained}{suffix}") if model.pretrained else None
     report = export(
-        args.checkpoint,
+        model.path,
         args.format,
-        out=args.out,
+        out=args.out or default_out,
         data_dir=Path(args.data_dir or default_data_dir()),
     )
     print("\n".join(report.lines()))
@@ -659,18 +792,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_hosts=tuple(hosts),
     )
     config.validate()
-    if not args.checkpoint.is_file():
-        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+    model = _model_file(args.checkpoint, args.pretrained)
+    if not model.path.is_file():
+        raise ConfigError(f"checkpoint not found: {model.path}")
     # Checked here, once: the worker processes load it again, and a bad file there would only
     # be a dead worker.
-    load_model(args.checkpoint)
+    load_model(model.path)
     try:  # a port in use (or a host not on this machine) is one line, not the server's exit
         socket.create_server((args.host, args.port)).close()
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    shown = f"the pretrained {model.pretrained} model" if model.pretrained else model.path
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
-    print(f"serving {args.checkpoint} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)")
-    serve(args.checkpoint, config)
+    print(f"serving {shown} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)")
+    serve(model.path, config)
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    from mnist_resnet import pretrained
+
+    if args.action == "package":
+        done = pretrained.package(
+            args.run_dir,
+            args.name,
+            out_dir=args.out or pretrained.FOLDER,
+            data_dir=Path(args.data_dir or default_data_dir()),
+        )
+        meta = done.meta
+        print(
+            f"wrote {done.path} ({done.size:,} bytes) and {done.path.with_suffix('.json').name}: "
+            f"test accuracy {meta['test_accuracy']:.2%} as trained, "
+            f"{meta['fp32_cpu_test_accuracy']:.2%} in fp32 on the CPU"
+        )
+        pin = f"{args.name!r}: {done.sha256!r}"
+        print(f"pin it in src/mnist_resnet/pretrained/__init__.py, in SHA256: {pin}")
+        return 0
+    for name in pretrained.NAMES:
+        meta = pretrained.metadata(name)
+        shipped = name in pretrained.SHA256
+        print(f"{name}: {pretrained.describe(name) if shipped else 'not shipped in this build'}")
+        if shipped and meta:
+            print(f"  classes: {', '.join(meta.get('classes', []))}")
+            print(f"  trained {meta.get('trained')} by: {meta.get('command')} (make pretrained)")
+            print(f"  {meta.get('bytes', 0):,} bytes, sha256 {pretrained.SHA256[name]}")
     return 0
 
 
@@ -721,6 +886,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "experiment": cmd_experiment,
     "ensemble": cmd_ensemble,
+    "pretrained": cmd_pretrained,
 }
 
 

@@ -17,6 +17,12 @@ from mnist_resnet.errors import UserError
 
 DATA_DIR_ENV = "MNIST_RESNET_DATA"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
+# A user's own images: `folder:PATH` (one sub-folder per class) or `npz:PATH` (arrays x, y).
+OWN_DATA_KINDS = ("folder", "npz")
+# How an image file becomes a 28x28 input, in training on a folder and in predict/serve:
+# "mnist" is predict's MNIST-style preprocessing (ink polarity, crop, 20 px box, centred by
+# mass); "resize" is grayscale and a plain resize of the whole picture to 28x28.
+PREPROCESS_MODES = ("mnist", "resize")
 
 
 class ConfigError(UserError, ValueError):
@@ -25,6 +31,21 @@ class ConfigError(UserError, ValueError):
 
 def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV) or "data"
+
+
+def own_data(dataset: str) -> tuple[str, str] | None:
+    """(kind, path) of a `folder:PATH` or `npz:PATH` dataset; None for a named dataset."""
+    kind, sep, path = dataset.partition(":")
+    return (kind, path) if sep and kind in OWN_DATA_KINDS else None
+
+
+def dataset_label(dataset: str) -> str:
+    """A name for a dataset that fits in a file name: `folder-shapes` for `folder:/x/shapes`."""
+    own = own_data(dataset)
+    if own is None:
+        return dataset
+    stem = Path(own[1]).stem or "data"
+    return f"{own[0]}-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}"
 
 
 @dataclass(frozen=True)
@@ -51,12 +72,29 @@ class DataConfig:
     elastic_sigma: float = 4.0
     # Fraction of the training split to use (1.0 = all); small values make fast tests.
     subset: float = 1.0
+    # Own images only (`folder:`/`npz:` datasets). How a picture becomes 28x28 (PREPROCESS_MODES);
+    # saved with the model, so predict and serve prepare an image the way training did.
+    preprocess: str = "mnist"
+    # Without a test/ folder (or x_test in the .npz), this fraction of each class is held out
+    # as the test split, chosen by `split_seed`: about MNIST's 10,000 of 70,000.
+    test_fraction: float = 0.15
 
     def validate(self) -> None:
-        if self.dataset not in DATASET_NAMES:
+        own = own_data(self.dataset)
+        if own is None and self.dataset not in DATASET_NAMES:
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
+                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}, "
+                "folder:PATH (one sub-folder of images per class) or npz:PATH"
             )
+        if own is not None and not own[1]:
+            raise ConfigError(f"--dataset {self.dataset}: give the path after '{own[0]}:'")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(
+                f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, "
+                f"got {self.preprocess!r}"
+            )
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         if self.val_size < 0:
             raise ConfigError(f"--val-size must be >= 0, got {self.val_size}")
         if not 0 <= self.max_shift <= 8:

@@ -8,6 +8,7 @@ average from the validation split alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def _split_probas(
     """(first member, each member's softmax on `split`, that split's labels)."""
     members = _load_members(checkpoints, split)
     first = members[0]
-    splits = data.load(first.data_config.dataset, data_dir, log=log)
+    splits = data.load_data(dataclasses.replace(first.data_config, data_dir=str(data_dir)), log=log)
     images, labels = _split_images(first, splits, split)
     runtime = make_runtime(accel=accel, amp=None, channels_last=True)
     classes = len(first.class_names)

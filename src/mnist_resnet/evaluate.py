@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ def format_report(result: EvalResult, class_names: Sequence[str]) -> str:
     ):
         lines.append(f"  {name:>{width}}  {acc:7.2%}  ({total} images)")
     lines.append("confusion matrix (rows: true class, columns: predicted):")
-    header = " " * (width + 2) + "".join(f"{i:>6}" for i in range(len(class_names)))
+    # Columns name the class too, cut to fit their 6 characters ("T-shirt/top" is "T-shi").
+    header = " " * (width + 2) + "".join(f"{name[:5]:>6}" for name in class_names)
     lines.append(header)
     for i, row in enumerate(result.confusion.tolist()):
         lines.append(f"  {class_names[i]:>{width}}" + "".join(f"{v:>6}" for v in row))
@@ -151,7 +153,7 @@ def evaluate_checkpoint(
     from mnist_resnet.runtime import make_runtime
 
     loaded = load_model(checkpoint)
-    splits = data.load(loaded.data_config.dataset, data_dir)
+    splits = data.load_data(dataclasses.replace(loaded.data_config, data_dir=str(data_dir)))
     # The precision the run trained and was judged in (its config records the decision), so
     # that this report reproduces the test accuracy `train` printed.
     saved_train = loaded.state["config"].get("train")  # unchecked by load_model: read warily

@@ -7,6 +7,7 @@ black, scaled (x / 255 - mean) / std. That contract travels inside the ONNX file
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -207,7 +208,9 @@ def export(
         _onnx_modules()
     loaded = load_model(checkpoint)
     try:
-        splits = data.load(loaded.data_config.dataset, data_dir, log=log, download=False)
+        splits = data.load_data(
+            dataclasses.replace(loaded.data_config, data_dir=str(data_dir)), log=log, download=False
+        )
     except data.DataError:
         raise ExportError(
             f"the parity check needs the {loaded.data_config.dataset} test images, not found "

@@ -341,10 +341,23 @@ def preprocess(img: Image.Image) -> NDArray[np.uint8]:
     return center_by_mass(digit)
 
 
-def preprocess_pixels(pixels: NDArray[Any]) -> NDArray[np.uint8]:
-    """A 2-D array of 0..255 values (any size, any polarity) through `preprocess`."""
+def resize_plain(img: Image.Image) -> NDArray[np.uint8]:
+    """Grayscale (alpha on white) and the whole picture resized to 28x28, nothing else: for
+    images that are already framed and coloured the way the model should see them."""
+    gray = _resize(to_gray(img), (IMAGE_SIZE, IMAGE_SIZE))
+    return np.round(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def prepare_image(img: Image.Image, mode: str = "mnist") -> NDArray[np.uint8]:
+    """A decoded picture as the model's 28x28 input, prepared the way its training images were
+    (`DataConfig.preprocess`): MNIST-style (`preprocess`) or a plain resize."""
+    return resize_plain(img) if mode == "resize" else preprocess(img)
+
+
+def preprocess_pixels(pixels: NDArray[Any], mode: str = "mnist") -> NDArray[np.uint8]:
+    """A 2-D array of 0..255 values (any size, any polarity) through `prepare_image`."""
     arr = np.clip(np.asarray(pixels, dtype=np.float32), 0, 255).astype(np.uint8)
-    return preprocess(Image.fromarray(arr, mode="L"))
+    return prepare_image(Image.fromarray(arr, mode="L"), mode)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -366,6 +379,8 @@ class Predictor:
         self.runtime = runtime or make_runtime(accel=False, amp=False, channels_last=False)
         self.model = self.runtime.prepare_model(loaded.model)
         self.class_names = loaded.class_names
+        # Image files are prepared the way the training images were (own data may use "resize").
+        self.preprocess = loaded.data_config.preprocess
 
     @classmethod
     def from_checkpoint(cls, path: Path | str) -> Predictor:
@@ -466,7 +481,7 @@ def predict_files(
             result.error, result.unreadable = "no such file, folder or matching image", True
             continue
         try:
-            pixels = preprocess(load_image(path))
+            pixels = prepare_image(load_image(path), predictor.preprocess)
         except ImageError as e:
             result.error, result.unreadable = str(e), isinstance(e, UnreadableImage)
             continue

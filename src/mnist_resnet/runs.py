@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, run_checkpoints
-from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict
+from mnist_resnet.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    dataset_label,
+    from_dict,
+)
 from mnist_resnet.errors import TrainingError
 from mnist_resnet.files import prove_writable
 
 
 def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return f"{preset}-{cfg.dataset}-s{train_cfg.seed}-{stamp}"
+    return f"{preset}-{dataset_label(cfg.dataset)}-s{train_cfg.seed}-{stamp}"
 
 
 def find_resume_checkpoint(target: Path) -> Path:

@@ -56,7 +56,7 @@ from mnist_resnet.predict import (
     ImageError,
     Ranked,
     decode,
-    preprocess,
+    prepare_image,
     preprocess_pixels,
 )
 from mnist_resnet.runtime import return_freed_memory
@@ -95,8 +95,9 @@ class PixelBatch(BaseModel):
     )
     preprocess: bool = Field(
         False,
-        description="run the MNIST-style preprocessing (polarity, crop, scale, centre) first; "
-        "off: the pixels are used as they are",
+        description="prepare each image as the model's training images were first (MNIST-style: "
+        "polarity, crop, scale, centre; or a plain resize for a model trained with "
+        "--preprocess resize); off: the pixels are used as they are",
     )
     top_k: int = Field(TOP_K, ge=1, le=10)
 
@@ -333,6 +334,9 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         "preset": loaded.preset,
         "dataset": loaded.data_config.dataset,
         "class_names": class_names,
+        "preprocess": loaded.data_config.preprocess,
+        # Shipped models carry their metadata (recipe, command, accuracy); None otherwise.
+        "pretrained": loaded.state.get("pretrained"),
         "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"),
         # The file's name and hash identify the model; its folder is none of a client's business.
@@ -434,7 +438,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
 
         async def answer() -> PredictResponse:
             async with admission:
-                batch, k = await reader(request)
+                batch, k = await reader(request, loaded.data_config.preprocess)
                 scores = await batcher.submit(batch)
             return _as_response(_top_k(scores, k, class_names))
 
@@ -455,7 +459,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await run_in_threadpool(fn, *args)
 
 
-async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
+async def _json_batch(request: Request, mode: str) -> tuple[np.ndarray[Any, Any], int]:
     try:
         body = PixelBatch.model_validate_json(await request.body())
     except ValueError as e:
@@ -479,7 +483,7 @@ async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
             raise HTTPException(422, f"image {i}: pixel values must be numbers in 0..255")
         if body.preprocess:
             try:
-                images.append(await _in_thread(preprocess_pixels, arr))
+                images.append(await _in_thread(preprocess_pixels, arr, mode))
             except ImageError as e:
                 raise HTTPException(422, f"image {i}: {e}") from None
         else:
@@ -491,7 +495,7 @@ async def _json_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
 _image_workers = threading.BoundedSemaphore(IMAGE_WORKERS)
 
 
-async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
+async def _upload_batch(request: Request, mode: str) -> tuple[np.ndarray[Any, Any], int]:
     try:
         form = await request.form(max_files=MAX_BATCH, max_fields=MAX_BATCH + 4)
     except HTTPException:
@@ -511,7 +515,7 @@ async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
         name = upload.filename or f"file {i}"
         payload = await upload.read()
         try:
-            images.append(await _in_thread(_decode_and_preprocess, payload))
+            images.append(await _in_thread(_decode_and_preprocess, payload, mode))
         except BlankImage as e:
             raise HTTPException(422, f"{name}: {e}") from None
         except ImageError as e:
@@ -519,9 +523,9 @@ async def _upload_batch(request: Request) -> tuple[np.ndarray[Any, Any], int]:
     return np.stack(images), int(str(k_field))
 
 
-def _decode_and_preprocess(payload: bytes) -> np.ndarray[Any, Any]:
+def _decode_and_preprocess(payload: bytes, mode: str) -> np.ndarray[Any, Any]:
     with _image_workers:
-        return preprocess(decode(payload, max_pixels=MAX_UPLOAD_PIXELS))
+        return prepare_image(decode(payload, max_pixels=MAX_UPLOAD_PIXELS), mode)
 
 
 def app_from_environment() -> FastAPI:

@@ -39,6 +39,7 @@ from mnist_resnet.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
+    own_data,
     to_dict,
 )
 from mnist_resnet.errors import TrainingError, TrainingInterrupted
@@ -194,6 +195,12 @@ class _Trainer:
             )
         # Rank 0 fetches and verifies the files first; the others then read the same cache.
         self.data = distributed.main_first(lambda: data.prepare_data(data_cfg, log=self.log))
+        # Own data decides the number of classes, and may hold out fewer images for validation
+        # than --val-size: the saved configs say what was really trained.
+        self.model_cfg = model_cfg = dataclasses.replace(
+            model_cfg, num_classes=len(self.data.class_names)
+        )
+        self.data_cfg = data_cfg = dataclasses.replace(data_cfg, val_size=self.data.val_size)
         n_train = len(self.data.train_x)
         world = self.dist.world_size
         if train_cfg.batch_size * world > n_train:
@@ -253,9 +260,14 @@ class _Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("data_hashes") != self.data.hashes:
+            where = (
+                f"in {self.data_cfg.dataset}"
+                if own_data(self.data_cfg.dataset)
+                else f"under {self.data_cfg.data_dir}"
+            )
             raise TrainingError(
-                "the checkpoint was trained on different data files than the ones found now "
-                f"under {self.data_cfg.data_dir}; refusing to resume"
+                "the checkpoint was trained on different data than the files found now "
+                f"{where} (their content changed); refusing to resume"
             )
         self.start_epoch = int(state["epoch"])
         partial = state.get("partial_epoch")

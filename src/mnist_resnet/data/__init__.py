@@ -8,8 +8,9 @@ that torchvision already filled is reused, and ``<root>/<Folder>/raw/SOURCES.jso
 each file came from, its content hash and the size/mtime stamp of the last full check.
 
 One module per job: `datasets` (the table), `idx` (the file format), `cache` (verification and
-provenance), `sources` (the download chain), `splits` (datasets in memory, `prepare_data`) and
-`batches` (batch order and augmentation). This package re-exports what other modules use.
+provenance), `sources` (the download chain), `own` (a user's folder of images or .npz file),
+`splits` (datasets in memory, `prepare_data`) and `batches` (batch order and augmentation).
+This package re-exports what other modules use.
 Models need none of it to run: normalisation and logits live in `mnist_resnet.inference`.
 """
 
@@ -39,6 +40,7 @@ from mnist_resnet.data.datasets import (
 )
 from mnist_resnet.data.errors import DataError, DataUnavailable, IDXError
 from mnist_resnet.data.idx import read_idx, read_images, read_labels, read_split, write_idx
+from mnist_resnet.data.own import OwnData, load_own
 from mnist_resnet.data.sources import FetchResult, fetch, load_array_pickle
 from mnist_resnet.data.splits import (
     DatasetInfo,
@@ -47,8 +49,10 @@ from mnist_resnet.data.splits import (
     format_info,
     info,
     load,
+    load_data,
     prepare_data,
     split_validation,
+    validation_size,
 )
 
 __all__ = [
@@ -64,6 +68,7 @@ __all__ = [
     "FileSpec",
     "IDXError",
     "Log",
+    "OwnData",
     "PipSource",
     "PreparedData",
     "Splits",
@@ -78,6 +83,8 @@ __all__ = [
     "info",
     "load",
     "load_array_pickle",
+    "load_data",
+    "load_own",
     "mnist_style_files",
     "prepare_data",
     "random_affine",
@@ -89,6 +96,7 @@ __all__ = [
     "read_split",
     "split_validation",
     "training_batch",
+    "validation_size",
     "verify",
     "write_idx",
 ]

@@ -9,12 +9,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mnist_resnet.config import DataConfig
+from mnist_resnet.config import DataConfig, own_data
 from mnist_resnet.data.cache import read_stamp, stamp_matches, verify
 from mnist_resnet.data.datasets import DatasetSpec, Log, get_spec, raw_dir
 from mnist_resnet.data.errors import DataError
 from mnist_resnet.data.idx import read_split
+from mnist_resnet.data.own import load_own
 from mnist_resnet.data.sources import fetch
+
+# Own data: the validation split takes at most this share of the training images, whatever
+# --val-size says (its default, 5,000, is a twelfth of MNIST's training set).
+OWN_VAL_SHARE = 10
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,9 +30,13 @@ class Splits:
     train_labels: Tensor
     test_images: Tensor
     test_labels: Tensor
-    hashes: dict[str, str]  # file name -> content SHA-256
+    hashes: dict[str, str]  # file name (own data: "content") -> content SHA-256
     sources: dict[str, str]
-    spec: DatasetSpec
+    name: str
+    classes: tuple[str, ...]
+    # Normalisation: the dataset table's constants, or computed from own training images.
+    mean: float
+    std: float
 
 
 def load(
@@ -53,7 +62,38 @@ def load(
         *test,
         hashes={name: str(rec.get("sha256")) for name, rec in stamp.items()},
         sources={name: str(rec.get("source")) for name, rec in stamp.items()},
-        spec=spec,
+        name=spec.name,
+        classes=spec.classes,
+        mean=spec.mean,
+        std=spec.std,
+    )
+
+
+def load_data(cfg: DataConfig, *, log: Log = print, download: bool = True) -> Splits:
+    """The dataset `cfg` names, whether from the table (`load`) or a user's own images."""
+    if own_data(cfg.dataset) is None:
+        return load(cfg.dataset, Path(cfg.data_dir), log=log, download=download)
+    own = load_own(
+        cfg.dataset,
+        preprocess=cfg.preprocess,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.split_seed,
+        log=log,
+    )
+    mean, std = _pixel_stats(own.train_images)
+    if std < 1e-3:
+        raise DataError(f"{cfg.dataset}: every training pixel has the same value; nothing to learn")
+    return Splits(
+        own.train_images,
+        own.train_labels,
+        own.test_images,
+        own.test_labels,
+        hashes={"content": own.content_hash()},
+        sources={"content": cfg.dataset},
+        name=cfg.dataset,
+        classes=own.classes,
+        mean=mean,
+        std=std,
     )
 
 
@@ -89,14 +129,20 @@ def _pixel_stats(images: Tensor) -> tuple[float, float]:
 
 
 def info(dataset: str | DatasetSpec, root: Path | str, *, log: Log = print) -> DatasetInfo:
-    """Counts, class balance, pixel statistics and provenance of a fetched dataset."""
-    splits = load(dataset, root, log=log, download=False)
-    classes = len(splits.spec.classes)
+    """Counts, class balance, pixel statistics and provenance of a fetched dataset (or of a
+    user's own images, read and checked as training would: `folder:PATH`, `npz:PATH`)."""
+    if isinstance(dataset, str) and own_data(dataset) is not None:
+        splits = load_data(DataConfig(dataset=dataset), log=log)
+        where = Path(dataset.partition(":")[2])
+    else:
+        splits = load(dataset, root, log=log, download=False)
+        where = raw_dir(root, dataset)
+    classes = len(splits.classes)
     mean, std = _pixel_stats(splits.train_images)
     return DatasetInfo(
-        name=splits.spec.name,
-        raw_dir=raw_dir(root, splits.spec),
-        classes=splits.spec.classes,
+        name=splits.name,
+        raw_dir=where,
+        classes=splits.classes,
         train_class_counts=tuple(torch.bincount(splits.train_labels, minlength=classes).tolist()),
         test_class_counts=tuple(torch.bincount(splits.test_labels, minlength=classes).tolist()),
         pixel_mean=mean,
@@ -147,25 +193,40 @@ class PreparedData:
     std: float
     hashes: dict[str, str]
     class_names: tuple[str, ...]
+    val_size: int  # images held out for validation (own data: --val-size capped, see below)
+
+
+def validation_size(cfg: DataConfig, train_images: int) -> int:
+    """--val-size, except that own data lends at most a tenth of its training images to it."""
+    if own_data(cfg.dataset) is None:
+        return cfg.val_size
+    return min(cfg.val_size, train_images // OWN_VAL_SHARE)
 
 
 def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
     """Load the dataset, carve the validation split, and optionally keep a subset.
 
     Training never trusts the cache's size/mtime stamp alone: every file is hashed again
-    (a fraction of a second for MNIST), so a flipped bit is reported, not trained on.
+    (a fraction of a second for MNIST), so a flipped bit is reported, not trained on. Own
+    data is read and hashed whole each time.
     """
-    splits = load(cfg.dataset, Path(cfg.data_dir), log=log)
-    verify(cfg.dataset, Path(cfg.data_dir))
+    splits = load_data(cfg, log=log)
+    if own_data(cfg.dataset) is None:
+        verify(cfg.dataset, Path(cfg.data_dir))
+    val_size = validation_size(cfg, len(splits.train_images))
+    if val_size != cfg.val_size:
+        log(
+            f"validation: {val_size} of the {len(splits.train_images)} training images (at most "
+            f"a tenth of own data, whatever --val-size says)"
+        )
     train_x, train_y, val_x, val_y = split_validation(
-        splits.train_images, splits.train_labels, cfg.val_size, cfg.split_seed
+        splits.train_images, splits.train_labels, val_size, cfg.split_seed
     )
     if cfg.subset < 1.0:
         keep = max(1, int(len(train_x) * cfg.subset))
         train_x, train_y = train_x[:keep], train_y[:keep]
         keep_val = max(1, int(len(val_x) * cfg.subset)) if len(val_x) else 0
         val_x, val_y = val_x[:keep_val], val_y[:keep_val]
-    spec = splits.spec
     return PreparedData(
         train_x=train_x,
         train_y=train_y,
@@ -173,8 +234,9 @@ def prepare_data(cfg: DataConfig, *, log: Log = print) -> PreparedData:
         val_y=val_y,
         test_x=splits.test_images,
         test_y=splits.test_labels,
-        mean=spec.mean,
-        std=spec.std,
+        mean=splits.mean,
+        std=splits.std,
         hashes=dict(splits.hashes),
-        class_names=tuple(spec.classes),
+        class_names=splits.classes,
+        val_size=val_size,
     )

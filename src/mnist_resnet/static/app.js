@@ -146,7 +146,18 @@
     .then((r) => r.json())
     .then((m) => {
       const acc = m.test_accuracy == null ? "" : `, ${(100 * m.test_accuracy).toFixed(2)}% on the test set`;
-      document.getElementById("model").textContent = `model: ${m.preset}${acc}`;
+      const shipped = m.pretrained ? "pretrained " : "";
+      document.getElementById("model").textContent =
+        `model: ${shipped}${m.preset} on ${m.dataset}${acc}`;
+      // A model of digits asks for a digit; any other asks for one of its own classes.
+      const digits = m.class_names.every((name, i) => name === String(i));
+      if (!digits) {
+        const names = m.class_names.slice(0, 12).join(", ");
+        const more = m.class_names.length > 12 ? ", …" : "";
+        const title = `Draw one of: ${names}${more}`;
+        document.querySelector("h1").textContent = title;
+        document.title = `mnist-resnet: ${title}`;
+      }
     })
     .catch(() => {});
   reset();

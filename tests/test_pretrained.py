@@ -1,0 +1,202 @@
+"""The models shipped in the package: packaging a run, the pins that guard the files, the CLI's
+default model, and the shipped files themselves."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from datafakes import SHAPES, ShapesRun, shape_image
+
+from mnist_resnet import pretrained
+from mnist_resnet.checkpoint import load_checkpoint, load_model
+from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
+from mnist_resnet.files import hash_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _recipe(run: ShapesRun) -> pretrained.Recipe:
+    """The recipe of the `shapes_run` fixture, in the form `package` checks a run against."""
+    return pretrained.Recipe(
+        "resnet14",
+        f"folder:{run.folder}",
+        1,
+        overrides=(
+            ("model", "depth", 8),
+            ("model", "num_classes", 3),
+            ("train", "epochs", 1),
+            ("train", "batch_size", 8),
+            ("data", "val_size", 5),
+        ),
+        flags=" ".join(run.flags[:-1]),
+    )
+
+
+@pytest.fixture(scope="module")
+def packaged(
+    shapes_run: ShapesRun, tmp_path_factory: pytest.TempPathFactory
+) -> pretrained.Packaged:
+    out = tmp_path_factory.mktemp("package")
+    return pretrained.package(
+        shapes_run.run_dir, "mnist", out_dir=out, recipe=_recipe(shapes_run), log=lambda _: None
+    )
+
+
+@pytest.fixture
+def shipped(packaged: pretrained.Packaged, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The packaged test model installed as the shipped `mnist` model, pinned."""
+    monkeypatch.setattr(pretrained, "FOLDER", packaged.path.parent)
+    monkeypatch.setattr(pretrained, "SHA256", {"mnist": packaged.sha256})
+    return packaged.path
+
+
+def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
+    packaged: pretrained.Packaged, shapes_run: ShapesRun
+) -> None:
+    state = load_checkpoint(packaged.path)
+    for gone in ("optimizer", "scheduler", "weight_average", "rng", "partial_epoch"):
+        assert gone not in state
+    assert packaged.size < shapes_run.checkpoint.stat().st_size / 1.5
+    assert state["config"]["data"]["data_dir"] == "data"  # no path of the packaging machine
+    # The same weights and answers as the run's selected model.
+    original, shipped = load_model(shapes_run.checkpoint), load_model(packaged.path)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(original.model(x), shipped.model(x))
+    meta = json.loads(packaged.path.with_suffix(".json").read_text())
+    assert meta["sha256"] == hash_file(packaged.path) and meta["bytes"] == packaged.size
+    assert meta["command"] == _recipe(shapes_run).command
+    assert meta["classes"] == list(SHAPES) and meta["test_images"] == 9
+    assert meta["test_accuracy"] == original.state["test"]["accuracy"]
+    assert 0.0 <= meta["fp32_cpu_test_accuracy"] <= 1.0 and re.fullmatch(
+        r"\d{4}-\d\d-\d\d", meta["trained"]
+    )
+    assert state["pretrained"]["command"] == meta["command"]
+
+
+def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path: Path) -> None:
+    with pytest.raises(pretrained.PretrainedError, match=r"not trained with the mnist recipe"):
+        pretrained.package(shapes_run.run_dir, "mnist", out_dir=tmp_path, log=lambda _: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_pin_guards_the_shipped_file(shipped: Path) -> None:
+    assert pretrained.weights_path("mnist") == shipped
+    with pytest.raises(pretrained.PretrainedError, match="unknown pretrained model"):
+        pretrained.weights_path("cifar")
+    with pytest.raises(pretrained.PretrainedError, match="ships no pretrained fashion-mnist"):
+        pretrained.weights_path("fashion-mnist")
+    payload = bytearray(shipped.read_bytes())
+    payload[len(payload) // 2] ^= 1
+    shipped.write_bytes(bytes(payload))
+    try:
+        with pytest.raises(pretrained.PretrainedError, match="SHA-256 differs"):
+            pretrained.weights_path("mnist")
+    finally:
+        payload[len(payload) // 2] ^= 1
+        shipped.write_bytes(bytes(payload))
+
+
+def test_without_a_checkpoint_the_commands_use_the_shipped_model_and_say_so(
+    shipped: Path, shapes_run: ShapesRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "disc.png"
+    shape_image("disc", 40, 0).save(image)
+    capsys.readouterr()
+    assert main(["predict", str(image)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "using the pretrained mnist model" in captured.err
+    assert re.match(rf"{re.escape(str(image))}: ({'|'.join(SHAPES)}) ", captured.out)
+    assert main(["predict", "--pretrained", "mnist", str(image), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["prediction"] in SHAPES
+    # A checkpoint and --pretrained together is one line, as is a checkpoint without images.
+    assert main(["predict", "--pretrained", "mnist", str(shapes_run.checkpoint), str(image)]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["predict", str(shapes_run.checkpoint)]) == 2
+    assert "give the image files" in capsys.readouterr().err
+    # evaluate writes its figures to the current folder, never into the installed package.
+    out = tmp_path / "figures"
+    assert main(["evaluate", "--pretrained", "mnist", "--out", str(out)]) == 0
+    assert "test accuracy:" in capsys.readouterr().out and (out / "confusion.png").is_file()
+
+
+def test_the_pretrained_command_lists_the_shipped_models(
+    shipped: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist: the pretrained mnist model" in out and pretrained.SHA256["mnist"] in out
+    assert "fashion-mnist: not shipped in this build" in out
+
+
+def test_names_recipes_make_target_and_package_data_agree() -> None:
+    assert PRETRAINED_NAMES == pretrained.NAMES == tuple(pretrained.RECIPES)
+    assert PRETRAINED_DEFAULT == pretrained.DEFAULT
+    makefile = (REPO / "Makefile").read_text()
+    for name, recipe in pretrained.RECIPES.items():
+        train = recipe.command.replace("mnist-resnet ", "")
+        assert train in makefile, f"make pretrained does not run {train!r}"
+        assert f"package $(PRETRAINED_RUNS)/{name} --name {name}" in makefile
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["package-data"]["mnist_resnet"]
+    assert {"pretrained/*.pt", "pretrained/*.json"} <= set(data)
+
+
+# ----------------------------------------------------------------------------- shipped files
+
+
+@pytest.mark.parametrize("name", pretrained.NAMES)
+def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: str) -> None:
+    if name not in pretrained.SHA256:
+        pytest.skip(f"no {name} model pinned in this checkout (make pretrained)")
+    path = pretrained.weights_path(name)
+    meta = pretrained.metadata(name)
+    assert meta["sha256"] == pretrained.SHA256[name] and meta["bytes"] == path.stat().st_size
+    assert path.stat().st_size < 1_000_000
+    loaded = load_model(path)
+    recipe = pretrained.RECIPES[name]
+    assert loaded.data_config.dataset == meta["dataset"] == recipe.dataset
+    assert list(loaded.class_names) == meta["classes"]
+    assert not pretrained.recipe_differences(loaded.state["config"], recipe)
+    assert meta["command"] == recipe.command
+
+
+def _pinned(name: str) -> Path:
+    if name not in pretrained.SHA256:
+        pytest.skip(f"no {name} model pinned in this checkout (make pretrained)")
+    return pretrained.weights_path(name)
+
+
+def test_the_shipped_mnist_model_reads_a_drawn_seven_without_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _pinned("mnist")
+    from PIL import Image, ImageDraw
+
+    # Dark ink on white paper, larger than MNIST and off-centre: what a user photographs.
+    page = Image.new("RGB", (240, 300), (245, 245, 240))
+    draw = ImageDraw.Draw(page)
+    draw.line([(60, 70), (180, 70), (110, 250)], fill=(30, 30, 40), width=16, joint="curve")
+    page.save(tmp_path / "seven.png")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "seven.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["prediction"] == "7"
+
+
+def test_the_shipped_mnist_model_is_as_accurate_as_its_metadata_says(mnist_root: Path) -> None:
+    from mnist_resnet import data
+    from mnist_resnet.predict import Predictor
+
+    path = _pinned("mnist")
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    predictor = Predictor.from_checkpoint(path)
+    guesses = predictor.probabilities(splits.test_images[:2000]).argmax(dim=1)
+    accuracy = float((guesses == splits.test_labels[:2000]).float().mean())
+    # Measured on the whole test set in fp32 when it was packaged. The first 5,000 test digits
+    # are the cleaner, easier half (LeCun's notes), so its first 2,000 do no worse than that,
+    # less half a point for chance in a sample this size.
+    assert accuracy >= pretrained.metadata("mnist")["fp32_cpu_test_accuracy"] - 0.005
