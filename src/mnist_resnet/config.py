@@ -291,7 +291,7 @@ PRESETS: dict[str, Preset] = {
     # networks costs launch overhead more than FLOPs, so the batch grows and the SGD learning
     # rate with it (the linear scaling rule, as for several processes: Goyal et al. 2017);
     # validation and test run in batches of 5,000 and the losses are read every 50 steps. They
-    # run on a CPU too, only more slowly per image than the CPU recipes they come from.
+    # run on a CPU too, but were not tuned there; nor, yet, measured on a GPU.
     "fast-gpu": Preset(
         "fast for a GPU: ResNet-14 with a pooled stem, batch 512, lr 0.8, 3 epochs",
         ModelConfig(depth=14, stem_pool=True),

@@ -210,7 +210,7 @@ class _Trainer:
         # Rank 0 fetches and verifies the files first; the others then read the same cache.
         self.data = distributed.main_first(lambda: data.prepare_data(data_cfg, log=self.log))
         if device_data:
-            # Uploaded once, as uint8 (47 MB for MNIST): batches are then cut and augmented there.
+            # Uploaded once, as uint8 (55 MB for MNIST): batches are then cut and augmented there.
             self.data = _on_device(self.data, self.runtime.device)
         n_train = len(self.data.train_x)
         world = self.dist.world_size
