@@ -365,3 +365,45 @@ def test_gpu_presets_scale_the_cpu_recipes_and_train_a_few_steps(
         data_cfg = dataclasses.replace(data_cfg, subset=0.02)
         result = train(recipe.model, train_cfg, data_cfg, preset=gpu, log=lambda _: None)
         assert result.epochs_run == 1 and math.isfinite(result.test.loss)
+
+
+def test_device_resident_run_killed_mid_epoch_resumes_exactly(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mid-epoch checkpoint of the device path holds the sums read back so far and the
+    augmentation stream's state: resumed from it, the run ends as if never stopped."""
+    import mnist_resnet.train as train_module
+
+    def cfgs(name: str) -> tuple[Any, ...]:
+        return _device_data_run(
+            mnist_root, tmp_path, name=name, device_data=True, epochs=2, checkpoint_steps=4
+        )
+
+    full = train(*cfgs("full"), log=lambda _: None)
+    real_save = train_module._Trainer._save
+    saves = [0]
+
+    def save_then_die(self: Any, epochs_done: int) -> None:
+        real_save(self, epochs_done)
+        saves[0] += 1
+        if saves[0] == 2:  # after the checkpoint of epoch 1, step 8 (mid-read: log interval 3)
+            raise _Killed
+
+    monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(*cfgs("cut"), log=lambda _: None)
+    monkeypatch.setattr(train_module._Trainer, "_save", real_save)
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == ["epoch-000-step-00004.pt", "epoch-000-step-00008.pt"]
+    resumed = train(*cfgs("ignored"), log=lambda _: None, resume=tmp_path / "cut")
+    assert (resumed.test.loss, resumed.test.accuracy) == (full.test.loss, full.test.accuracy)
+    # "lr" too: a row logs the rate at which its epoch (or its resumed part) began.
+    strip = ("images_per_second", "train_seconds", "lr")
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in strip}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("full", "cut")
+    ]
+    assert rows[0] == rows[1]
