@@ -34,6 +34,12 @@ def test_flags_override_preset_and_defaults_come_from_config() -> None:
     _, train_cfg, data_cfg = train_configs(args)
     assert train_cfg == PRESETS["baseline"].train
     assert data_cfg.augment is False
+    argv = ["train", "--preset", "fast-gpu", "--no-device-data", "--compile"]
+    _, train_cfg, _ = train_configs(
+        build_parser().parse_args([*argv, "--compile-mode", "max-autotune"])
+    )
+    assert train_cfg.batch_size == PRESETS["fast-gpu"].train.batch_size
+    assert (train_cfg.device_data, train_cfg.compile_mode) == (False, "max-autotune")
 
 
 @pytest.mark.parametrize(
@@ -44,6 +50,7 @@ def test_flags_override_preset_and_defaults_come_from_config() -> None:
         (["train", "--block", "bottleneck", "--depth", "21"], "9n+2"),
         (["train", "--epochs", "0"], "--epochs"),
         (["train", "--lr", "-1"], "--lr"),
+        (["train", "--compile-mode", "fastest"], "--compile-mode"),
         (["evaluate", "does-not-exist.pt"], "not found"),
     ],
 )

@@ -143,6 +143,50 @@ def test_training_batch_applies_what_the_config_asks() -> None:
     assert torch.allclose(out, torch.full_like(out, -0.1 / 0.3), atol=1e-5)
 
 
+def test_augment_generator_on_the_cpu_is_the_old_stream() -> None:
+    # The CPU path keeps its batches: a CPU augmentation generator is the plain torch.Generator
+    # every earlier run was seeded with.
+    g = data.augment_generator(torch.device("cpu"), 123)
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(123).get_state())
+
+
+FULL_AUGMENTATION = DataConfig(max_shift=2, rotate=10.0, scale=0.1, erase=6, elastic=20.0)
+
+
+def test_whole_batch_augmentation_keeps_shape_dtype_and_range() -> None:
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    mean, std = 0.1307, 0.3081
+    out = data.training_batch(x, FULL_AUGMENTATION, torch.Generator().manual_seed(0), mean, std)
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.device == x.device
+    # Bilinear sampling mixes pixel values and the fill is the background: nothing leaves the
+    # standardised range of uint8 pixels (up to float rounding).
+    lo, hi = -mean / std, (1 - mean) / std
+    assert float(out.min()) >= lo - 1e-5 and float(out.max()) <= hi + 1e-5
+    # One call transforms the batch, each image its own way: the same digit repeated comes out
+    # as different images.
+    same = x[:1].expand(64, -1, -1, -1).contiguous()
+    moved = data.training_batch(same, FULL_AUGMENTATION, torch.Generator().manual_seed(0), 0, 1)
+    assert len({tuple(img.flatten().tolist()) for img in moved}) == 64
+
+
+def test_augmentation_runs_where_the_images_are() -> None:
+    # Images on another device than the generator (here "meta", the shape-only device every
+    # torch build has): every random draw is moved to the images, so a batch never leaves the
+    # device it lives on. (A generator on the GPU beside the images draws there directly.)
+    x = torch.empty(8, 1, 28, 28, dtype=torch.uint8, device="meta")
+    out = data.training_batch(x, FULL_AUGMENTATION, torch.Generator().manual_seed(0), 0.1, 0.3)
+    assert out.device.type == "meta" and out.shape == x.shape and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_augmentation_on_a_cuda_generator_stays_on_the_gpu() -> None:
+    cuda = torch.device("cuda")
+    x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, device=cuda)
+    a = data.training_batch(x, FULL_AUGMENTATION, data.augment_generator(cuda, 7), 0.1, 0.3)
+    b = data.training_batch(x, FULL_AUGMENTATION, data.augment_generator(cuda, 7), 0.1, 0.3)
+    assert a.device.type == "cuda" and a.shape == x.shape and torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,14 +185,41 @@ def test_nonfinite_loss_stops_naming_the_step(
         train(*_tiny_run(mnist_root, tmp_path, name="nan"), log=lambda _: None)
 
 
-def test_nonfinite_loss_skipped_under_flag(
+def test_nonfinite_loss_found_later_without_a_check_per_step(
     mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The device-resident path reads losses every --log-interval steps: a NaN at step 3 is
+    named when they are read (step 5 here), before anything is saved."""
+    import mnist_resnet.train as train_module
+
+    real = train_module.train_step
+    calls: list[bool] = []
+
+    def nan_third(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(kwargs["check_finite"])
+        loss, err = real(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 3 else loss), err
+
+    monkeypatch.setattr(train_module, "train_step", nan_third)
+    cfgs = _tiny_run(mnist_root, tmp_path, name="late", device_data=True, log_interval=5)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 3;"):
+        train(*cfgs, log=lambda _: None)
+    assert calls == [False] * 5  # no step waited for the verdict; the read after step 5 did
+    assert not (tmp_path / "late" / "best.pt").exists()
+    assert not list((tmp_path / "late").glob("checkpoints/*.pt"))
+
+
+@pytest.mark.parametrize("device_data", [False, True])
+def test_nonfinite_loss_skipped_under_flag(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_data: bool
+) -> None:
+    # Skipping needs the verdict before the optimizer steps: the device path checks each step.
     _nan_on_third_call(monkeypatch)
     lines: list[str] = []
-    result = train(
-        *_tiny_run(mnist_root, tmp_path, name="skip", skip_nonfinite=True), log=lines.append
+    cfgs = _tiny_run(
+        mnist_root, tmp_path, name="skip", skip_nonfinite=True, device_data=device_data
     )
+    result = train(*cfgs, log=lines.append)
     assert any("skipped step 3" in line for line in lines)
     assert result.epochs_run == 1 and (tmp_path / "skip" / "best.pt").is_file()
 

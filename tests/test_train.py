@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -245,3 +247,163 @@ def test_ema_and_augmentation_run_resumes_exactly_and_selects_the_average(
     for key, value in best["model"].items():
         assert torch.equal(value, last["weight_average"]["model"][key])
     assert any(not torch.equal(v, last["model"][k]) for k, v in best["model"].items())
+
+
+def _device_data_run(root: Path, runs: Path, **train_kw: object) -> tuple[Any, ...]:
+    # Every augmentation on, losses read every 3 steps: the device-resident path's moving parts.
+    train_cfg = TrainConfig(
+        epochs=1,
+        batch_size=64,
+        runs_dir=str(runs),
+        threads=1,
+        amp=False,
+        log_interval=3,
+        deterministic=True,
+        test_batch_size=500,
+    )
+    data_cfg = DataConfig(
+        data_dir=str(root), subset=0.02, rotate=10.0, scale=0.1, erase=6, elastic=20.0
+    )
+    return ModelConfig(depth=8), dataclasses.replace(train_cfg, **train_kw), data_cfg
+
+
+@pytest.mark.numerics
+def test_device_resident_path_trains_like_the_host_path(mnist_root: Path, tmp_path: Path) -> None:
+    """On a CPU the device-resident path (forced) cuts, augments and steps the same batches in
+    the same order as the host path, reading losses back in batches: the same run, bit for bit."""
+    host = train(*_device_data_run(mnist_root, tmp_path, name="host"), log=lambda _: None)
+    resident = train(
+        *_device_data_run(mnist_root, tmp_path, name="dev", device_data=True), log=lambda _: None
+    )
+    assert (resident.test.loss, resident.test.accuracy) == (host.test.loss, host.test.accuracy)
+    assert resident.model is not None and host.model is not None
+    for (name, a), b in zip(
+        resident.model.state_dict().items(), host.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    rows = [
+        json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        for name in ("host", "dev")
+    ]
+    for row in rows:
+        del row["images_per_second"], row["train_seconds"]
+    assert rows[0] == rows[1]
+    saved = [json.loads((tmp_path / n / "config.json").read_text()) for n in ("host", "dev")]
+    assert [s["train"]["device_data"] for s in saved] == [False, True]  # the decision is recorded
+
+
+_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_reads_inside_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the tensor methods that wait for a GPU, called while a training step runs."""
+    import mnist_resnet.train as train_module
+
+    counts = {"reads": 0, "steps": 0}
+    inside = [False]
+    real_step = train_module._Trainer._step
+
+    def step(self: Any, *args: Any) -> None:
+        inside[0] = True
+        try:
+            real_step(self, *args)
+        finally:
+            inside[0] = False
+        counts["steps"] += 1
+
+    monkeypatch.setattr(train_module._Trainer, "_step", step)
+    for name in _SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: Any, _real: Any = real, **k: Any) -> Any:
+            counts["reads"] += inside[0]
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("device_data", [True, False])
+def test_device_resident_steps_never_wait_for_the_device(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device_data: bool
+) -> None:
+    counts = _count_reads_inside_steps(monkeypatch)
+    cfgs = _device_data_run(
+        mnist_root, tmp_path, name="run", device_data=device_data, save_model=False
+    )
+    train(*cfgs, log=lambda _: None)
+    assert counts["steps"] == 17  # 1,100 images in batches of 64
+    if device_data:
+        assert counts["reads"] == 0  # read back every --log-interval steps, outside the step
+    else:
+        assert counts["reads"] >= counts["steps"]  # the host path checks every loss: counted
+
+
+def test_gpu_presets_scale_the_cpu_recipes_and_train_a_few_steps(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    for gpu, cpu in (("fast-gpu", "fast"), ("best-gpu", "best")):
+        recipe, base = PRESETS[gpu], PRESETS[cpu]
+        for cfg in (recipe.model, recipe.train, recipe.data or DataConfig()):
+            cfg.validate()
+        assert "GPU" in recipe.description
+        # The linear scaling rule: the same learning rate per image as the CPU recipe.
+        assert recipe.train.lr / recipe.train.batch_size == base.train.lr / base.train.batch_size
+        assert recipe.train.batch_size > base.train.batch_size
+        assert recipe.train.device_data is None  # decided by the device
+        train_cfg = dataclasses.replace(
+            recipe.train,
+            runs_dir=str(tmp_path),
+            name=gpu,
+            dry_run=True,  # one step, and validation and test cut to one eval batch
+            test_batch_size=200,
+            device_data=True,  # as on a GPU
+            amp=False,
+            save_model=False,
+        )
+        data_cfg = dataclasses.replace(recipe.data or DataConfig(), data_dir=str(mnist_root))
+        data_cfg = dataclasses.replace(data_cfg, subset=0.02)
+        result = train(recipe.model, train_cfg, data_cfg, preset=gpu, log=lambda _: None)
+        assert result.epochs_run == 1 and math.isfinite(result.test.loss)
+
+
+def test_device_resident_run_killed_mid_epoch_resumes_exactly(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mid-epoch checkpoint of the device path holds the sums read back so far and the
+    augmentation stream's state: resumed from it, the run ends as if never stopped."""
+    import mnist_resnet.train as train_module
+
+    def cfgs(name: str) -> tuple[Any, ...]:
+        return _device_data_run(
+            mnist_root, tmp_path, name=name, device_data=True, epochs=2, checkpoint_steps=4
+        )
+
+    full = train(*cfgs("full"), log=lambda _: None)
+    real_save = train_module._Trainer._save
+    saves = [0]
+
+    def save_then_die(self: Any, epochs_done: int) -> None:
+        real_save(self, epochs_done)
+        saves[0] += 1
+        if saves[0] == 2:  # after the checkpoint of epoch 1, step 8 (mid-read: log interval 3)
+            raise _Killed
+
+    monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(*cfgs("cut"), log=lambda _: None)
+    monkeypatch.setattr(train_module._Trainer, "_save", real_save)
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == ["epoch-000-step-00004.pt", "epoch-000-step-00008.pt"]
+    resumed = train(*cfgs("ignored"), log=lambda _: None, resume=tmp_path / "cut")
+    assert (resumed.test.loss, resumed.test.accuracy) == (full.test.loss, full.test.accuracy)
+    # "lr" too: a row logs the rate at which its epoch (or its resumed part) began.
+    strip = ("images_per_second", "train_seconds", "lr")
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in strip}
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        for name in ("full", "cut")
+    ]
+    assert rows[0] == rows[1]

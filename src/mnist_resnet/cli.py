@@ -62,6 +62,12 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
     ),
     ("--keep-last", "keep_last", "epoch checkpoints to keep besides best.pt"),
     ("--checkpoint-steps", "checkpoint_steps", "also checkpoint every N steps (0: per epoch)"),
+    (
+        "--compile-mode",
+        "compile_mode",
+        "with --compile: default, reduce-overhead (CUDA graphs), max-autotune, "
+        "max-autotune-no-cudagraphs",
+    ),
     ("--runs-dir", "runs_dir", "folder that holds run directories"),
     ("--name", "name", "run directory name (default: <preset>-<dataset>-s<seed>-<time>)"),
 )
@@ -75,6 +81,12 @@ TRAIN_SWITCHES: tuple[tuple[str, str, str], ...] = (
         "CPUs where a short cached probe measured it faster than fp32",
     ),
     ("--channels-last", "channels_last", "NHWC memory layout"),
+    (
+        "--device-data",
+        "device_data",
+        "keep the dataset on the training device and augment there, reading losses every "
+        "--log-interval steps; unset, on a GPU yes, on a CPU no",
+    ),
     ("--compile", "compile", "torch.compile the model (compile time counts)"),
     ("--deterministic", "deterministic", "deterministic algorithms, for bit-exact repeats"),
     ("--eval-test-every-epoch", "eval_test_every_epoch", "also report test metrics every epoch"),

@@ -189,6 +189,10 @@ class ModelConfig:
             )
 
 
+# torch.compile's modes (its own names).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 2
@@ -217,7 +221,15 @@ class TrainConfig:
     # the decision in its config, so a resumed run keeps the precision it started with.
     amp: bool | None = None
     channels_last: bool = True
+    # Keep the whole dataset (uint8) on the training device and cut, augment and step every
+    # batch there, reading losses back once per log interval rather than after every step.
+    # None decides: yes on a GPU (CUDA, MPS), where each host round trip leaves the device idle;
+    # no on a CPU, where there is no round trip to save. A run saves the decision, like `amp`.
+    device_data: bool | None = None
     compile: bool = False
+    # torch.compile's mode with --compile: "reduce-overhead" also replays the compiled forward
+    # and backward as CUDA graphs. Opt-in: not measured yet (docs/speed.md#gpu-path).
+    compile_mode: str = "default"
     # Several processes (torchrun): batch statistics over the global batch instead of each
     # rank's share. PyTorch's SyncBatchNorm runs on GPUs only.
     sync_bn: bool = False
@@ -260,6 +272,11 @@ class TrainConfig:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
             raise ConfigError("--weight-decay, --warmup-epochs and --grad-clip must be >= 0")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"unknown --compile-mode {self.compile_mode!r}; choose one of "
+                f"{', '.join(COMPILE_MODES)}"
+            )
         if self.optimizer not in ("sgd", "adadelta"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd or adadelta")
         if self.schedule not in ("onecycle", "step"):
@@ -306,6 +323,29 @@ PRESETS: dict[str, Preset] = {
         "ResNet-14, 15 epochs, shift/rotate/zoom augmentation, weight EMA: the accuracy recipe",
         ModelConfig(depth=14),
         TrainConfig(epochs=15, ema_decay=0.999),
+        DataConfig(rotate=10.0, scale=0.1),
+    ),
+    # The GPU forms of `fast` and `best` (docs/speed.md#gpu-path). A GPU step of these small
+    # networks costs launch overhead more than FLOPs, so the batch grows and the SGD learning
+    # rate with it (the linear scaling rule, as for several processes: Goyal et al. 2017);
+    # validation and test run in batches of 5,000 and the losses are read every 50 steps. They
+    # run on a CPU too, but were not tuned there; nor, yet, measured on a GPU.
+    "fast-gpu": Preset(
+        "fast for a GPU: ResNet-14 with a pooled stem, batch 512, lr 0.8, 3 epochs",
+        ModelConfig(depth=14, stem_pool=True),
+        TrainConfig(epochs=3, batch_size=512, lr=0.8, test_batch_size=5000, log_interval=50),
+    ),
+    "best-gpu": Preset(
+        "best for a GPU: ResNet-20, 30 epochs, batch 256, lr 0.4, shift/rotate/zoom, weight EMA",
+        ModelConfig(depth=20),
+        TrainConfig(
+            epochs=30,
+            batch_size=256,
+            lr=0.4,
+            ema_decay=0.999,
+            test_batch_size=5000,
+            log_interval=50,
+        ),
         DataConfig(rotate=10.0, scale=0.1),
     ),
     "resnet32": Preset("ResNet-32, plain blocks", ModelConfig(depth=32)),

@@ -62,7 +62,7 @@ def evaluate(
     logits = predict_logits(
         model, images_u8, mean=mean, std=std, runtime=runtime, batch_size=batch_size
     )
-    labels = labels.long()
+    labels = labels.cpu().long()  # the logits come back to the CPU; the labels may be on a GPU
     num_classes = logits.shape[1]
     predictions = logits.argmax(dim=1)
     confusion = confusion_matrix(labels, predictions, num_classes)
@@ -102,7 +102,7 @@ def evaluate_shard(
     )
     if not len(shard_x):
         logits = torch.empty(0, num_classes)
-    shard_y = shard_y.long()
+    shard_y = shard_y.cpu().long()
     predictions = logits.argmax(dim=1)
     confusion = confusion_matrix(shard_y, predictions, num_classes)
     loss_sum = F.cross_entropy(logits.double(), shard_y, reduction="sum").reshape(1)

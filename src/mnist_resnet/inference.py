@@ -36,7 +36,11 @@ def predict_logits(
     runtime: Runtime,
     batch_size: int = TrainConfig.test_batch_size,
 ) -> Tensor:
-    """fp32 logits for uint8 images (N, 28, 28) or (N, 1, 28, 28), in large eval batches."""
+    """fp32 logits on the CPU for uint8 images (N, 28, 28) or (N, 1, 28, 28), in large eval
+    batches. Images already on the runtime's device (training's device-resident splits) are
+    standardised there; the logits stay on the device until the last batch, so a GPU runs the
+    whole split without waiting for the host in between.
+    """
     model.eval()
     if images_u8.ndim == 3:
         images_u8 = images_u8.unsqueeze(1)
@@ -44,10 +48,10 @@ def predict_logits(
     for start in range(0, len(images_u8), batch_size):
         x = runtime.prepare_input(to_float(images_u8[start : start + batch_size], mean, std))
         with runtime.autocast():
-            outputs.append(model(x).float().cpu())
+            outputs.append(model(x).float())
     if not outputs:
         return torch.empty(0, 0)
-    return torch.cat(outputs)
+    return torch.cat(outputs).cpu()
 
 
 def write_onnx_graph(model: torch.nn.Module, path: Path) -> None:

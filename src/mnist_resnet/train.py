@@ -87,11 +87,14 @@ def train_step(
     *,
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a normalised float batch; returns (loss, error rate), detached.
 
     The only place that applies autocast, the channels_last layout and the optimizer step.
-    Raises `NonFiniteLoss`, leaving weights and optimizer untouched, when the loss is NaN/inf.
+    With `check_finite` it raises `NonFiniteLoss`, leaving weights and optimizer untouched, when
+    the loss is NaN/inf; that check waits for the device. Without it nothing in the step waits
+    for the device, and the caller checks the returned loss before it trusts the weights.
     """
     images = runtime.prepare_input(images)
     labels = labels.to(runtime.device, non_blocking=True)
@@ -100,7 +103,7 @@ def train_step(
     # The loss in fp32: bf16 log-softmax loses the small differences label smoothing makes.
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     # Checked before backward: a NaN step would poison the weights and the momentum buffers.
-    if not torch.isfinite(loss):
+    if check_finite and not torch.isfinite(loss):
         raise NonFiniteLoss(float(loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
@@ -182,11 +185,23 @@ class _Trainer:
             )
         )
         self.log(f"precision: {runtime.precision_note}")
-        # The config saves the decision, so a resumed run keeps the precision it started with.
-        self.cfg = train_cfg = dataclasses.replace(train_cfg, amp=runtime.amp_dtype is not None)
+        device_data = train_cfg.device_data
+        if device_data is None:
+            device_data = runtime.device.type != "cpu"
+        # The config saves both decisions, so a resumed run keeps the precision it started with
+        # and draws its augmentation on the same kind of device.
+        self.cfg = train_cfg = dataclasses.replace(
+            train_cfg, amp=runtime.amp_dtype is not None, device_data=device_data
+        )
         self.runtime = dataclasses.replace(
             runtime, device=distributed.device_for(runtime.device, self.dist)
         )
+        # Without a check per step, a non-finite loss is found when the losses are read back
+        # (every --log-interval steps, before a checkpoint, at the epoch's end); skipping a bad
+        # step needs the verdict before the optimizer takes it, so --skip-nonfinite keeps it.
+        self.check_each_step = not device_data or train_cfg.skip_nonfinite
+        # (loss, error rate, batch size) of the steps whose values are still on the device.
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         sync_bn = train_cfg.sync_bn and self.dist.enabled
         if sync_bn and self.runtime.device.type != "cuda":
             raise ConfigError(
@@ -201,6 +216,9 @@ class _Trainer:
             model_cfg, num_classes=len(self.data.class_names)
         )
         self.data_cfg = data_cfg = dataclasses.replace(data_cfg, val_size=self.data.val_size)
+        if device_data:
+            # Uploaded once, as uint8 (55 MB for MNIST): batches are then cut and augmented there.
+            self.data = _on_device(self.data, self.runtime.device)
         n_train = len(self.data.train_x)
         world = self.dist.world_size
         if train_cfg.batch_size * world > n_train:
@@ -218,7 +236,10 @@ class _Trainer:
         self.scheduler = make_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
         # The optimizer and the checkpoints hold the plain module; only the forward is wrapped.
         wrapped = distributed.wrap(self.model, self.dist, self.runtime.device)
-        self.forward: nn.Module = torch.compile(wrapped) if train_cfg.compile else wrapped  # type: ignore[assignment]
+        self.forward: nn.Module = wrapped
+        if train_cfg.compile:
+            mode = None if train_cfg.compile_mode == "default" else train_cfg.compile_mode
+            self.forward = torch.compile(wrapped, mode=mode)  # type: ignore[assignment]
         # Evaluation shards the split itself: DDP's forward would sync buffers on every batch.
         self.eval_forward = self.model if self.dist.enabled else self.forward
         self.average = (
@@ -427,12 +448,15 @@ class _Trainer:
             for images_u8, labels in batches:
                 if p.step >= self.steps_per_epoch:
                     break
-                loss = self._step(epoch, images_u8, labels, augment_rng)
+                self._step(epoch, images_u8, labels, augment_rng)
                 if p.step % self.cfg.log_interval == 0:
-                    rate = p.seen / max(1e-9, time.perf_counter() - start)
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
+                    loss = self._settle(epoch)
+                    if not bar.disable:
+                        rate = p.seen / max(1e-9, time.perf_counter() - start)
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
                 bar.update()
                 self._mid_epoch_checkpoint(epoch, time.perf_counter() - start, augment_rng)
+            self._settle(epoch)  # also waits for the device: the epoch's time is its real time
         return self._epoch_metrics(time.perf_counter() - start)
 
     def _epoch_batches(
@@ -447,12 +471,23 @@ class _Trainer:
         )
         # A resumed epoch skips the batches it already trained on, and continues the same
         # augmentation stream, so the result is the same as if it had never stopped.
-        indices = indices[p.step * cfg.batch_size :]
+        indices = indices[p.step * cfg.batch_size :].to(d.train_x.device)
         batches = data.batches(d.train_x, d.train_y, indices, cfg.batch_size, drop_last=True)
-        # Rank 0 keeps the single-process stream; other ranks get streams of their own.
-        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch + (rank << 40))
+        # Rank 0 keeps the single-process stream; other ranks get streams of their own. Drawn
+        # where the images are, so that device-resident batches never wait for the host.
+        augment_rng = data.augment_generator(
+            d.train_x.device, cfg.seed * 1_000_003 + epoch + (rank << 40)
+        )
         if p.augment_rng is not None:
-            augment_rng.set_state(p.augment_rng)
+            try:
+                augment_rng.set_state(p.augment_rng)
+            except RuntimeError:  # a CPU generator's state does not fit a GPU's, nor back
+                raise TrainingError(
+                    f"this run stopped in the middle of epoch {epoch + 1} with its augmentation "
+                    f"drawn on another kind of device than {d.train_x.device.type}; resume it "
+                    f"there, or resume from its whole-epoch checkpoint ({self.run_dir}/"
+                    f"checkpoints/{checkpoint_name(epoch)})"
+                ) from None
         return batches, augment_rng
 
     def _step(
@@ -461,7 +496,7 @@ class _Trainer:
         images_u8: torch.Tensor,
         labels: torch.Tensor,
         augment_rng: torch.Generator,
-    ) -> float:
+    ) -> None:
         """Augment one batch, take one optimizer step (or skip a non-finite one), count it."""
         cfg, p = self.cfg, self.progress
         images = data.training_batch(
@@ -476,29 +511,52 @@ class _Trainer:
                 self.runtime,
                 label_smoothing=cfg.label_smoothing,
                 grad_clip=cfg.grad_clip,
+                check_finite=self.check_each_step,
             )
         except NonFiniteLoss as e:
             if not cfg.skip_nonfinite:
-                saved = (
-                    f" (checkpoints in {self.run_dir} hold the last good weights)"
-                    if run_checkpoints(self.run_dir)
-                    else ""
-                )
-                raise TrainingError(
-                    f"loss became {e.value} at epoch {epoch + 1}, step {p.step + 1}; lower "
-                    f"--lr, set --grad-clip, or pass --skip-nonfinite{saved}"
-                ) from None
+                raise self._nonfinite(e.value, epoch, p.step + 1) from None
             self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
-            loss, err = torch.zeros(()), torch.ones(())
+            device = self.runtime.device
+            loss, err = torch.zeros((), device=device), torch.ones((), device=device)
         else:
             if self.average is not None:
                 self.average.update()
         self.scheduler.step()
         p.step += 1
-        p.loss_sum += float(loss) * len(labels)
-        p.err_sum += float(err) * len(labels)
         p.seen += len(labels)
-        return float(loss)
+        self.pending.append((loss, err, len(labels)))
+
+    def _settle(self, epoch: int) -> float:
+        """Read the losses and error rates of the steps taken since the last read, in one
+        transfer, and add them to the epoch's sums (in step order, so the sums are the ones a
+        read per step gives); stop at a non-finite loss. Returns the latest loss (0 if none)."""
+        p, pending = self.progress, self.pending
+        if not pending:
+            return 0.0
+        values = torch.stack([v for loss, err, _ in pending for v in (loss, err)]).tolist()
+        first = p.step - len(pending) + 1
+        self.pending = []
+        for i, (_, _, n) in enumerate(pending):
+            loss, err = values[2 * i], values[2 * i + 1]
+            if not math.isfinite(loss):
+                # Only without the per-step check: the weights took the bad step, but no
+                # checkpoint is written before this read.
+                raise self._nonfinite(loss, epoch, first + i)
+            p.loss_sum += loss * n
+            p.err_sum += err * n
+        return float(values[-2])
+
+    def _nonfinite(self, value: float, epoch: int, step: int) -> TrainingError:
+        saved = (
+            f" (checkpoints in {self.run_dir} hold the last good weights)"
+            if run_checkpoints(self.run_dir)
+            else ""
+        )
+        return TrainingError(
+            f"loss became {value} at epoch {epoch + 1}, step {step}; lower --lr, set "
+            f"--grad-clip, or pass --skip-nonfinite{saved}"
+        )
 
     def _mid_epoch_checkpoint(
         self, epoch: int, seconds: float, augment_rng: torch.Generator
@@ -508,6 +566,7 @@ class _Trainer:
         periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
         if not (self._stop_requested() or periodic) or p.step >= self.steps_per_epoch:
             return  # the epoch's own checkpoint follows at its end
+        self._settle(epoch)  # the saved sums are complete, and no bad step is saved
         p.seconds = seconds
         p.augment_rng = augment_rng.get_state()
         if cfg.save_model:
@@ -689,6 +748,19 @@ class _Trainer:
 
 def _quiet(line: str) -> None:
     """The log of ranks other than 0."""
+
+
+def _on_device(d: data.PreparedData, device: torch.device) -> data.PreparedData:
+    """The three splits, images and labels, on `device` (the same tensors on the CPU)."""
+    return dataclasses.replace(
+        d,
+        train_x=d.train_x.to(device),
+        train_y=d.train_y.to(device),
+        val_x=d.val_x.to(device),
+        val_y=d.val_y.to(device),
+        test_x=d.test_x.to(device),
+        test_y=d.test_y.to(device),
+    )
 
 
 def _to_random_state(values: list[int]) -> tuple[Any, ...]:

@@ -16,6 +16,7 @@ Models need none of it to run: normalisation and logits live in `mnist_resnet.in
 
 from mnist_resnet.data.batches import (
     augment_batch,
+    augment_generator,
     batches,
     elastic_offsets,
     epoch_indices,
@@ -73,6 +74,7 @@ __all__ = [
     "PreparedData",
     "Splits",
     "augment_batch",
+    "augment_generator",
     "batches",
     "default_root",
     "elastic_offsets",

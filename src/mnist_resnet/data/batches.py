@@ -1,5 +1,10 @@
 """Batches cut from whole uint8 tensors and augmented as whole tensors: shifts, rotation and
-zoom, elastic distortion and Cutout, all from explicit generators so a run can resume exactly."""
+zoom, elastic distortion and Cutout, all from explicit generators so a run can resume exactly.
+
+Everything runs where the tensors live. Random numbers are drawn on the generator's device: a
+CPU generator gives the same batches wherever the images are, a generator on the GPU beside the
+images (`augment_generator`) lets a whole epoch run there without a host round trip per step.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ def epoch_indices(
     return order[rank : per_rank * world_size : world_size]
 
 
+def augment_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The augmentation stream of one epoch, drawn on `device` (its numbers depend on the
+    device kind: a CUDA generator gives other, equally random, numbers than a CPU one)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def batches(
     images_u8: Tensor, labels: Tensor, indices: Tensor, batch_size: int, *, drop_last: bool
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -55,7 +66,8 @@ def augment_batch(x: Tensor, generator: torch.Generator, max_shift: int, fill: f
     padded = F.pad(x, (max_shift,) * 4, value=fill)
     sb, sc, sh, sw = padded.stride()
     windows = padded.as_strided((b, c, n, n, h, w), (sb, sc, sh, sw, sh, sw))  # a view, no copy
-    dy, dx = torch.randint(0, n, (2, b), generator=generator).to(x.device)
+    g = generator
+    dy, dx = torch.randint(0, n, (2, b), generator=g, device=g.device).to(x.device)
     return windows[torch.arange(b, device=x.device), :, dy, dx]
 
 
@@ -66,12 +78,13 @@ def elastic_offsets(
 
     Uniform noise in [-1, 1] per pixel and axis, blurred by a Gaussian of `sigma` pixels (two
     1-D convolutions), scaled by `alpha` pixels. Returned as (B,H,W,2) offsets in grid_sample's
-    [-1, 1] coordinates, ready to add to a sampling grid.
+    [-1, 1] coordinates, ready to add to a sampling grid, on the generator's device.
     """
     b, _, h, w = shape
-    noise = torch.rand(b * 2, 1, h, w, generator=generator) * 2 - 1
+    device = generator.device
+    noise = torch.rand(b * 2, 1, h, w, generator=generator, device=device) * 2 - 1
     radius = math.ceil(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel /= kernel.sum()
     noise = F.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
@@ -95,7 +108,7 @@ def random_affine(
     when `elastic` > 0: one bilinear grid_sample for all of it.
     """
     b = x.shape[0]
-    u = torch.rand(2, b, generator=generator).to(x.device, x.dtype)
+    u = torch.rand(2, b, generator=generator, device=generator.device).to(x.device, x.dtype)
     angle = (u[0] * 2 - 1) * math.radians(max_degrees)
     zoom = scale[0] + u[1] * (scale[1] - scale[0])
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input mapping
@@ -119,8 +132,9 @@ def random_erase(x: Tensor, generator: torch.Generator, size: int, fill: float =
     if size <= 0:
         return x
     b, _, h, w = x.shape
-    cy = torch.randint(0, h, (b, 1, 1), generator=generator).to(x.device)
-    cx = torch.randint(0, w, (b, 1, 1), generator=generator).to(x.device)
+    g = generator
+    cy = torch.randint(0, h, (b, 1, 1), generator=g, device=g.device).to(x.device)
+    cx = torch.randint(0, w, (b, 1, 1), generator=g, device=g.device).to(x.device)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     lo = size // 2
