@@ -116,11 +116,13 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
     from mnist_resnet.runtime import make_runtime
 
     splits = data.load("mnist", mnist_root, log=lambda _: None)
-    # The device and precision the trainer picks too (TrainConfig's defaults).
-    runtime = make_runtime(accel=True, amp=None, channels_last=True)
 
     def run(checkpoint: Path) -> EvalResult:
         loaded = load_model(checkpoint)
+        # In the precision the run recorded, as `evaluate` does: probing again could choose
+        # otherwise (another thread count, a loaded machine) and change the last digits.
+        amp = loaded.state["config"]["train"].get("amp")
+        runtime = make_runtime(accel=True, amp=amp, channels_last=True)
         return evaluate(
             runtime.prepare_model(loaded.model),
             splits.test_images,
