@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrency",
         type=int,
         default=ServeConfig.max_concurrency,
-        help="requests answered at once per worker; more wait before their uploads are read "
+        help="requests reading their uploads at once per worker; more wait before theirs are read "
         "(default: %(default)s)",
     )
     sv.add_argument(

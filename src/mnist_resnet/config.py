@@ -409,9 +409,10 @@ class ServeConfig:
     body_timeout_s: float = 10.0
     # A request not answered by then gets 503 instead of holding its connection.
     request_timeout_s: float = 30.0
-    # Requests answered at once per worker (each may hold a body of up to 5 MB); more wait
-    # before their bodies are read, so a burst queues in the network rather than in memory.
-    max_concurrency: int = 64
+    # Requests reading their bodies and preparing their images at once per worker (each body
+    # up to 5 MB); more wait before their bodies are read, so a burst queues in the network
+    # rather than in memory. Prepared images then wait for the batcher without this limit.
+    max_concurrency: int = 32
     # Connections served at once per worker, idle ones included (Granian's backpressure): far
     # above what clients need, since the header timeout frees the slots of silent ones.
     max_connections: int = 1024

@@ -38,6 +38,7 @@ FOLDER = Path(str(resources.files(__name__)))
 # The SHA-256 of each shipped file; `mnist-resnet pretrained package` prints the line to put
 # here. tests/test_pretrained.py checks that file, pin and <name>.json agree.
 SHA256: dict[str, str] = {
+    "mnist": "3582bda7aa8e5d33fef1da4b761ce3f8f90e8527577dd91e9f19e8a88819f369",
     "fashion-mnist": "9a444a7fd77c6da3d002963de1e40099403ce3aa92e9a5a40b1b842679247189",
 }
 # Settings that say where or how fast a run went, not what it learned: ignored when a run is
