@@ -55,6 +55,8 @@ MACHINE_FIELDS = {
         "keep_last",
         "checkpoint_steps",
         "compile",
+        "compile_mode",
+        "device_data",
         "deterministic",
     },
     "data": {"data_dir"},
