@@ -171,6 +171,7 @@ def _pinned(name: str) -> Path:
     return pretrained.weights_path(name)
 
 
+@pytest.mark.numerics
 def test_the_shipped_mnist_model_reads_a_drawn_seven_without_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -187,6 +188,7 @@ def test_the_shipped_mnist_model_reads_a_drawn_seven_without_data(
     assert json.loads(capsys.readouterr().out)[0]["prediction"] == "7"
 
 
+@pytest.mark.numerics
 def test_the_shipped_mnist_model_is_as_accurate_as_its_metadata_says(mnist_root: Path) -> None:
     from mnist_resnet import data
     from mnist_resnet.predict import Predictor

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from mnist_resnet.config import TrainConfig
-from mnist_resnet.runtime import Runtime
+from mnist_resnet.runtime import Runtime, make_runtime
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -84,12 +84,14 @@ def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
 
 def torch_scorer(model: nn.Module, *, mean: float, std: float) -> Scorer:
     """Class probabilities of (N, 28, 28) uint8 images by the PyTorch model, fp32 on the CPU."""
-    model.eval()
+    runtime = make_runtime(accel=False, amp=False, channels_last=False)
 
-    @torch.inference_mode()
     def score(images: NDArray[np.uint8]) -> NDArray[np.float32]:
-        x = to_float(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), mean, std)
-        return _softmax(model(x).float().numpy())
+        batch = torch.from_numpy(np.ascontiguousarray(images))
+        logits = predict_logits(
+            model, batch, mean=mean, std=std, runtime=runtime, batch_size=max(1, len(batch))
+        )
+        return _softmax(logits.numpy())
 
     return score
 
