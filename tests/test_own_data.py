@@ -15,7 +15,7 @@ from mnist_resnet.checkpoint import load_model
 from mnist_resnet.cli import main
 from mnist_resnet.config import ConfigError, DataConfig, dataset_label
 from mnist_resnet.data.own import read_folder
-from mnist_resnet.predict import preprocess, resize_plain
+from mnist_resnet.images import preprocess, resize_plain
 
 
 def _load(dataset: str, **cfg: object) -> data.Splits:

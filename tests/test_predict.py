@@ -14,13 +14,8 @@ from PIL import Image
 
 from mnist_resnet import data
 from mnist_resnet.cli import main
-from mnist_resnet.predict import (
-    BlankImage,
-    Predictor,
-    UnreadableImage,
-    decode,
-    preprocess,
-)
+from mnist_resnet.images import BlankImage, UnreadableImage, decode, preprocess
+from mnist_resnet.predict import Predictor
 
 
 @pytest.fixture(scope="module")

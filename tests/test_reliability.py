@@ -344,12 +344,12 @@ def test_checkpoint_loader_never_crashes(tmp_path: Path, draw: st.DataObject) ->
 @FAST
 @given(st.binary(max_size=3000))
 def test_image_decoder_never_crashes_on_random_bytes(payload: bytes) -> None:
-    from mnist_resnet import predict
+    from mnist_resnet import images
 
     try:
-        image = predict.decode(payload)
-        pixels = predict.preprocess(image)
-    except predict.ImageError:
+        image = images.decode(payload)
+        pixels = images.preprocess(image)
+    except images.ImageError:
         return
     assert pixels.shape == (28, 28)
 
@@ -365,14 +365,14 @@ def test_preprocessing_never_crashes_on_any_mode(w: int, h: int, mode: str, seed
     import numpy as np
     from PIL import Image
 
-    from mnist_resnet import predict
+    from mnist_resnet import images
 
     rng = np.random.default_rng(seed)
     base = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
     image = base.convert(mode) if mode != "I;16" else base.convert("I").convert("I;16")
     try:
-        pixels = predict.preprocess(image)
-    except predict.ImageError:
+        pixels = images.preprocess(image)
+    except images.ImageError:
         return
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
 

@@ -50,16 +50,16 @@ from mnist_resnet.batching import BatcherClosed, MicroBatcher
 from mnist_resnet.checkpoint import LoadedModel, load_model
 from mnist_resnet.config import ServeConfig, from_dict, to_dict
 from mnist_resnet.files import hash_file
-from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
-from mnist_resnet.predict import (
+from mnist_resnet.images import (
     IMAGE_SIZE,
     BlankImage,
     ImageError,
-    Ranked,
     decode,
     prepare_image,
     preprocess_pixels,
 )
+from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
+from mnist_resnet.predict import Ranked
 from mnist_resnet.runtime import available_cpus, return_freed_memory
 
 MAX_BODY_BYTES = 5 * 1024 * 1024

@@ -25,7 +25,7 @@ from torch import Tensor
 from mnist_resnet.config import MAX_CLASSES, own_data
 from mnist_resnet.data.datasets import IMAGE_SIZE, Log
 from mnist_resnet.data.errors import DataError
-from mnist_resnet.predict import IMAGE_SUFFIXES, ImageError, load_image, prepare_image
+from mnist_resnet.images import IMAGE_SUFFIXES, ImageError, load_image, prepare_image
 
 # One million images is 784 MB as uint8: far beyond a hand-made dataset, within any machine.
 MAX_IMAGES = 1_000_000
