@@ -25,15 +25,17 @@ kept, anti-aliased, then placed in a 28x28 frame so that its centre of mass is t
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
 
 IMAGE_SIZE = 28
 DIGIT_BOX = 20
@@ -44,6 +46,10 @@ MAX_PIXELS = 50_000_000
 WORK_SIDE = 1024
 # Below this contrast between background and ink (on a 0..1 scale) there is no digit to read.
 MIN_CONTRAST = 0.08
+# The paper's surface and noise are fitted on a grid of at most this many pixels a side.
+FIT_SIDE = 256
+# MNIST's median stroke width at 4x its 20-px box (docs/data.md, "Pen-written digits").
+STROKE_4X = 8.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 Gray = NDArray[np.float32]
@@ -99,7 +105,7 @@ def decode(payload: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             img: Image.Image = Image.open(io.BytesIO(payload))
             # JPEG can decode straight at a reduced scale: far faster and smaller for big
             # photos, so the pixel budget applies to what will really be decoded.
-            img.draft("RGB", (WORK_SIDE, WORK_SIDE))
+            img.draft("RGB", (WORK_SIDE // 2, WORK_SIDE // 2))
             width, height = img.size
             if width * height > max_pixels:
                 raise UnreadableImage(
@@ -177,70 +183,173 @@ def _contrast(gray: Gray) -> float:
     return float(hi - lo)
 
 
-def _border(gray: Gray) -> Gray:
+def _quadratic_fit(
+    values: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    ys: NDArray[np.float64],
+    xs: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """Weighted least squares of a quadratic surface in (y, x) over a grid of `values`.
+
+    Solved by the normal equations of the six terms 1, y, x, y^2, x^2, yx, whose sums are
+    separable moments (powers of y) @ weights @ (powers of x): nothing of size pixels x terms is
+    built (a tall design matrix and its SVD were most of a served request, docs/serving.md).
+    """
+    y_pow = np.stack([ys**k for k in range(5)])
+    x_pow = np.stack([xs**k for k in range(5)])
+    moments = y_pow @ weights @ x_pow.T  # moments[a, b] = sum of weight * y^a x^b
+    weighted = y_pow[:3] @ (weights * values) @ x_pow[:3].T
+    terms = ((0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (1, 1))  # (power of y, power of x)
+    gram = np.array([[moments[a + c, b + d] for c, d in terms] for a, b in terms])
+    rhs = np.array([weighted[a, b] for a, b in terms])
+    try:
+        coef: NDArray[np.float64] = np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        coef = np.linalg.lstsq(gram, rhs)[0]
+    return coef
+
+
+def _surface(coef: NDArray[np.float64], ys: NDArray[np.float64], xs: NDArray[np.float64]) -> Gray:
+    rows = (coef[0] + coef[1] * ys + coef[3] * ys * ys).astype(np.float32)
+    cols = (coef[2] * xs + coef[4] * xs * xs).astype(np.float32)
+    surface: Gray = rows[:, None] + cols[None, :]
+    if coef[5]:
+        surface += np.outer(np.float32(coef[5]) * ys.astype(np.float32), xs.astype(np.float32))
+    return surface
+
+
+def background(gray: Gray) -> tuple[Gray, float]:
+    """The paper, uneven light included, as a smooth surface; and the noise around it.
+
+    A quadratic surface is fitted to the pixels that are not ink, found by alternating: fit,
+    measure the noise (the median absolute deviation of the kept residuals), drop the pixels far
+    from the surface on either side, fit again. Ink of any width and either polarity is a
+    minority of the pixels far from the surface, so it leaves the fit, and light falling off
+    across a page does not. The fit uses a grid of at most FIT_SIDE pixels a side (point
+    samples, so the noise measured is the pixels' own). Returns (surface, sigma) in 0..1 units.
+    """
     h, w = gray.shape
-    k = max(1, round(0.03 * min(h, w)))
-    return np.concatenate(
-        [gray[:k].ravel(), gray[-k:].ravel(), gray[:, :k].ravel(), gray[:, -k:].ravel()]
-    )
+    step = max(1, -(-max(h, w) // FIT_SIDE))
+    ys_full = (np.arange(h, dtype=np.float64) + 0.5) / h - 0.5
+    xs_full = (np.arange(w, dtype=np.float64) + 0.5) / w - 0.5
+    ys, xs = ys_full[::step], xs_full[::step]
+    small = gray[::step, ::step].astype(np.float64)
+    # Start from flat paper at the median: a fit over every pixel of a small, tightly framed
+    # digit would bend into a bump under the digit and call it paper.
+    coef = np.array([float(np.median(small)), 0.0, 0.0, 0.0, 0.0, 0.0])
+    weights = np.ones_like(small)
+    sigma = 0.0
+    for _ in range(5):
+        residual = small - _surface(coef, ys, xs)
+        kept = residual[weights > 0]
+        centre = float(np.median(kept))
+        sigma = 1.4826 * float(np.median(np.abs(kept - centre)))
+        within = np.abs(residual - centre) <= max(3.0 * sigma, 0.25 * MIN_CONTRAST)
+        if within.sum() < 12 or np.array_equal(within, weights > 0):
+            break
+        weights = within.astype(np.float64)
+        coef = _quadratic_fit(small, weights, ys, xs)
+    return _surface(coef, ys_full, xs_full), sigma
 
 
-def ink_polarity(gray: Gray) -> Gray:
-    """Bright ink on dark background: inverted when the background is lighter than the ink."""
-    background = float(np.median(_border(gray)))
-    lo, hi = np.percentile(gray, [0.5, 99.5])
-    return (1.0 - gray).astype(np.float32) if background - lo > hi - background else gray
+def _kth_largest(values: Gray, k: int) -> float:
+    flat = values.ravel()
+    k = max(1, min(k, flat.size))
+    return float(np.partition(flat, flat.size - k)[flat.size - k])
 
 
-def _otsu(values: NDArray[np.float32]) -> float:
-    # 256 equal bins over [0, 1] by integer binning: np.histogram's general path cost more than
-    # the rest of the threshold.
-    inside = values[(values >= 0.0) & (values <= 1.0)]
-    hist = np.bincount(np.minimum((inside * 256.0).astype(np.intp), 255), minlength=256)
-    p = hist.astype(np.float64) / max(1, hist.sum())
-    omega = np.cumsum(p)
-    mu = np.cumsum(p * np.arange(256))
-    between = (mu[-1] * omega - mu) ** 2 / np.maximum(omega * (1.0 - omega), 1e-12)
-    return float(int(np.argmax(between)) + 1) / 256.0
+def _border_contact(
+    box: tuple[slice, slice], sub: NDArray[np.bool_], shape: tuple[int, ...]
+) -> int:
+    """How many of a component's pixels (`sub`, the mask within its `box`) lie on the edge."""
+    h, w = shape
+    ys, xs = box
+    touching = 0
+    if ys.start == 0:
+        touching += int(sub[0].sum())
+    if ys.stop == h:
+        touching += int(sub[-1].sum())
+    if xs.start == 0:
+        touching += int(sub[:, 0].sum())
+    if xs.stop == w:
+        touching += int(sub[:, -1].sum())
+    return touching
 
 
-def flatten_background(ink: Gray) -> Gray:
-    """Subtract a quadratic fit of the background (uneven light on paper), stretch to [0, 1]."""
-    h, w = ink.shape
-    background = (ink < _otsu(ink)).astype(np.float64)
-    if background.sum() >= 12:
-        # Least squares over every background pixel, by the normal equations of the six terms
-        # 1, y, x, y^2, x^2, yx. Their sums are separable moments (powers of y) @ mask @ (powers
-        # of x), so nothing of size pixels x terms is built: a tall design matrix and its SVD
-        # were most of a served request's time (docs/serving.md).
-        ys = np.arange(h, dtype=np.float64) / h - 0.5
-        xs = np.arange(w, dtype=np.float64) / w - 0.5
-        y_pow = np.stack([ys**k for k in range(5)])
-        x_pow = np.stack([xs**k for k in range(5)])
-        moments = y_pow @ background @ x_pow.T  # moments[a, b] = sum of y^a x^b
-        weighted = y_pow[:3] @ (background * ink) @ x_pow[:3].T
-        terms = ((0, 0), (1, 0), (0, 1), (2, 0), (0, 2), (1, 1))  # (power of y, power of x)
-        gram = np.array([[moments[a + c, b + d] for c, d in terms] for a, b in terms])
-        rhs = np.array([weighted[a, b] for a, b in terms])
-        try:
-            coef = np.linalg.solve(gram, rhs)
-        except np.linalg.LinAlgError:
-            coef = np.linalg.lstsq(gram, rhs)[0]
-        rows = coef[0] + coef[1] * ys + coef[3] * ys * ys
-        cols = coef[2] * xs + coef[4] * xs * xs
-        surface = rows[:, None] + cols[None, :] + coef[5] * np.outer(ys, xs)
-        ink = ink - surface.astype(np.float32)
-    else:
-        ink = ink - float(np.median(ink))
-    top = float(np.percentile(ink, 99.9))
-    if top < MIN_CONTRAST:
+def find_ink(gray: Gray) -> Gray:
+    """The digit's ink, bright on 0, in [0, 1]: found at any stroke width and page size.
+
+    1. Subtract the paper (`background`); the ink is the side (darker or lighter than the
+       paper) with more mass far from it, so dark pen on paper and white chalk on black both
+       come out bright.
+    2. Hysteresis thresholds set by the noise and by the ink itself: a pixel well above the
+       noise (6 sigma) and a third of the strongest ink seeds a stroke; the stroke grows through
+       pixels above 3 sigma. A 1-px line on a 2,000-px page is then ink however few pixels it
+       covers, while grain and JPEG noise stay under the seeds' level.
+    3. Pieces near each other are grouped (a thin line broken by noise is one stroke). The
+       group with the longest extent is the digit; others count only when they are large or
+       close to it. Groups that run along the image's edge (a table or the page's edge in a
+       photo) are left out. A page whose largest group is a speck is blank, not a guess.
+    """
+    surface, sigma = background(gray)
+    residual = gray - surface
+    tail = np.float32(max(4.0 * sigma, 0.5 * MIN_CONTRAST))
+    darker = float(np.maximum(-residual - tail, 0.0).sum())
+    lighter = float(np.maximum(residual - tail, 0.0).sum())
+    ink = np.maximum(-residual if darker > lighter else residual, 0.0)
+    # The strength of the ink: one of its strongest pixels, but not the very strongest, so a few
+    # hot pixels do not set it (the 50th of a megapixel page, the 3rd of a 28x28 digit).
+    strong = ink[ink > tail]
+    if strong.size == 0:
         raise BlankImage("blank image: no ink found (uniform canvas)")
-    ink = np.clip(ink / top, 0.0, 1.0)
-    # Paper grain and JPEG noise sit well under the ink: cut what the ink/background split
-    # puts on the background side, keeping the anti-aliased edges above it.
-    floor = 0.5 * _otsu(ink)
-    cleaned: Gray = np.clip((ink - floor) / (1.0 - floor), 0.0, 1.0).astype(np.float32)
-    return cleaned
+    peak = _kth_largest(strong, int(np.clip(ink.size // 20_000, 3, 50)))
+    high = max(MIN_CONTRAST, 6.0 * sigma, 0.35 * peak)
+    if peak < high:
+        raise BlankImage("blank image: no ink found (uniform canvas)")
+    low = max(0.5 * MIN_CONTRAST, 3.0 * sigma, 0.15 * peak)
+    labels, count = ndimage.label(ink > low, structure=np.ones((3, 3)))
+    seeded = np.zeros(count + 1, dtype=bool)
+    seeded[labels[ink > high]] = True
+    seeded[0] = False
+    strokes = seeded[labels]
+    h, w = ink.shape
+    # Pieces of one stroke broken by noise or a faint pen lie within ~1% of the page: grouping
+    # on a grid of that cell size joins them (and is far cheaper than growing every piece).
+    cell = max(1, round(0.01 * max(h, w)))
+    coarse = _max_pool(strokes, cell) if cell > 1 else strokes
+    groups, n_groups = ndimage.label(coarse, structure=np.ones((3, 3)))
+    found = []
+    for index, box in enumerate(ndimage.find_objects(groups), start=1):
+        if box is None:
+            continue
+        extent = cell * max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+        members = groups[box] == index
+        if cell * _border_contact(box, members, groups.shape) > 0.6 * extent:
+            continue  # runs along the edge: the page's or a table's edge, not writing
+        found.append((extent, int(members.sum()), index, box))
+    if not found:
+        raise BlankImage("blank image: no ink found")
+    extent, _, main, main_box = max(found)
+    if extent < max(5, 0.03 * min(h, w)):
+        raise BlankImage("blank image: no ink found (only specks)")
+    keep = np.zeros(n_groups + 1, dtype=bool)
+    keep[main] = True
+    margin = 0.5 * extent / cell
+    for other_extent, _, index, box in found:
+        near = (
+            box[0].stop > main_box[0].start - margin
+            and box[0].start < main_box[0].stop + margin
+            and box[1].stop > main_box[1].start - margin
+            and box[1].start < main_box[1].stop + margin
+        )
+        if near and other_extent >= 0.1 * extent:
+            keep[index] = True
+    kept = keep[groups]
+    if cell > 1:
+        kept = np.repeat(np.repeat(kept, cell, axis=0), cell, axis=1)[:h, :w]
+    scale = np.float32(max(peak - low, 1e-6))
+    out: Gray = np.where(strokes & kept, np.clip((ink - np.float32(low)) / scale, 0.0, 1.0), 0.0)
+    return out.astype(np.float32, copy=False)
 
 
 def ink_box(ink: Gray, trim: float = 0.001) -> tuple[int, int, int, int]:
@@ -266,15 +375,17 @@ def _resize(ink: Gray, size: tuple[int, int]) -> Gray:
     return np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
 
 
-def _dilate(ink: Gray, size: int) -> Gray:
-    pad = size // 2
-    padded = np.pad(ink, pad)
+_Pooled = TypeVar("_Pooled", bound=np.generic)
+
+
+def _max_pool(ink: NDArray[_Pooled], k: int) -> NDArray[_Pooled]:
+    """Block maximum: shrinks by `k` and keeps a line thinner than `k` pixels at full strength
+    (an average would fade a 1-px line to 1/k)."""
     h, w = ink.shape
-    out = ink.copy()
-    for dy in range(size):
-        for dx in range(size):
-            np.maximum(out, padded[dy : dy + h, dx : dx + w], out=out)
-    return out
+    padded = np.pad(ink, ((0, -h % k), (0, -w % k)))
+    blocks = padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k)
+    pooled: NDArray[_Pooled] = blocks.max(axis=(1, 3))
+    return pooled
 
 
 def stroke_width(ink: Gray) -> float:
@@ -290,16 +401,34 @@ def stroke_width(ink: Gray) -> float:
 
 
 def fit_digit(ink: Gray) -> Gray:
-    """The cropped ink scaled so its longer side is 20 px, strokes at least MNIST-thick."""
+    """The cropped ink scaled so its longer side is 20 px, strokes at least MNIST-thick.
+
+    Strokes are measured at 4x the final size (80 px), where MNIST's are 6-15 px wide (median
+    8.9, `stroke_width` over its test digits). A thinner stroke, whatever pen and page it came
+    from, is widened to STROKE_4X by drawing a round pen of the missing width along it (a
+    distance transform), then everything is averaged down to 20 px.
+    """
+    side = 4 * DIGIT_BOX
     h, w = ink.shape
-    # Work at 4x the final size: strokes are measured and thickened there, then averaged down.
-    scale = 4 * DIGIT_BOX / max(h, w)
+    pool = max(h, w) // side
+    if pool >= 2:
+        ink = _max_pool(ink, pool)
+        h, w = ink.shape
+    scale = side / max(h, w)
     big = _resize(ink, (max(1, round(w * scale)), max(1, round(h * scale))))
-    big = np.clip(big / max(float(big.max()), 1e-6), 0.0, 1.0)
-    # MNIST strokes are about 2-3 px at 20 px height, i.e. 8-12 px at this scale.
+    big = np.clip(big / max(_kth_largest(big, 8), 1e-6), 0.0, 1.0)
     width = stroke_width(big)
-    if width < 6.0:
-        big = _dilate(big, max(3, round(8.0 - width) | 1))
+    if width < STROKE_4X:
+        # Distance from each pixel to the stroke's core; a pen of radius r around the core,
+        # anti-aliased over one pixel.
+        core = big > 0.5
+        if not core.any():
+            core = big >= 0.5 * float(big.max())
+        reach = (STROKE_4X - width) / 2.0
+        pad = math.ceil(reach) + 2
+        distance = ndimage.distance_transform_edt(~np.pad(core, pad))
+        pen = np.clip(reach + 0.5 - distance, 0.0, 1.0).astype(np.float32)
+        big = np.maximum(np.pad(big, pad), pen)
     bh, bw = big.shape
     out_w = max(1, round(bw / 4))
     out_h = max(1, round(bh / 4))
@@ -326,10 +455,7 @@ def center_by_mass(digit: Gray) -> NDArray[np.uint8]:
 
 def preprocess(img: Image.Image) -> NDArray[np.uint8]:
     """Any picture of one digit → 28x28 uint8, white ink on black, MNIST-style (module doc)."""
-    gray = to_gray(img)
-    if _contrast(gray) < MIN_CONTRAST:
-        raise BlankImage("blank image: no ink found (uniform canvas)")
-    ink = flatten_background(ink_polarity(gray))
+    ink = find_ink(to_gray(img))
     top, bottom, left, right = ink_box(ink)
     digit = fit_digit(ink[top:bottom, left:right])
     return center_by_mass(digit)
