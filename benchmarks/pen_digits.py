@@ -213,10 +213,16 @@ def _save(img: Image.Image, path: Path, fmt: str, rng: np.random.Generator) -> N
 
 
 def digit_page(
-    digit: NDArray[np.uint8], rng: np.random.Generator, *, width: int, kind: str
+    digit: NDArray[np.uint8],
+    rng: np.random.Generator,
+    *,
+    width: int,
+    kind: str,
+    long_side: int | None = None,
+    box: int | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """One MNIST digit written with a pen of `width` px on a page, scanned or photographed."""
-    long_side = int(rng.integers(300, 2001))
+    long_side = long_side or int(rng.integers(300, 2001))
     aspect = rng.uniform(0.7, 1.0)
     size = (long_side, max(200, round(long_side * aspect)))
     if rng.random() < 0.5:
@@ -227,7 +233,7 @@ def digit_page(
     grain = rng.uniform(1.0, 6.0 if kind == "photo" else 4.0)
     rgb, field = _page(rng, size, paper, light, grain)
     # People write a digit at a size of their own: a quarter to two thirds of the page.
-    box = max(40, round(min(size) * rng.uniform(0.25, 0.65)))
+    box = min(box or max(40, round(min(size) * rng.uniform(0.25, 0.65))), min(size))
     coverage = draw_stroke(centre_line(digit), box, width)
     coverage *= rng.uniform(0.75, 1.0)  # pen pressure
     top = int(rng.integers(0, size[1] - box + 1))
@@ -239,6 +245,65 @@ def digit_page(
     img = _finish(rgb, field, rng, kind == "photo", paper)
     meta = {"size": long_side, "paper": paper, "ink": ink, "fmt": fmt}
     return img, meta
+
+
+def marker_page(
+    digit: NDArray[np.uint8], rng: np.random.Generator
+) -> tuple[Image.Image, dict[str, Any]]:
+    """A thick felt-tip digit, photographed (the kind that read right before pens did)."""
+    box_frac = rng.uniform(0.3, 0.65)
+    long_side = int(rng.integers(300, 2001))
+    box = round(long_side * 0.8 * box_frac)
+    width = max(3, round(box * rng.uniform(0.06, 0.12)))
+    return digit_page(digit, rng, width=width, kind="photo", long_side=long_side, box=box)
+
+
+def canvas_page(digit: NDArray[np.uint8], rng: np.random.Generator) -> Image.Image:
+    """The draw page's canvas: white ink, an 18-px round pen, on a 280x280 black square."""
+    box = int(rng.integers(150, 240))
+    coverage = draw_stroke(centre_line(digit), box, 18)
+    canvas = np.zeros((280, 280), np.float32)
+    top, left = (int(rng.integers(0, 281 - box)) for _ in range(2))
+    canvas[top : top + box, left : left + box] = coverage
+    return Image.fromarray((canvas * 255).astype(np.uint8), "L").convert("RGBA")
+
+
+FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/truetype/liberation")
+
+
+def fonts() -> list[Path]:
+    """Regular (not bold, not italic) TrueType fonts of Debian's DejaVu and Liberation."""
+    found = []
+    for folder in FONT_DIRS:
+        for path in sorted(Path(folder).glob("*.ttf")) if Path(folder).is_dir() else []:
+            if not any(k in path.stem for k in ("Bold", "Oblique", "Italic", "ExtraLight")):
+                found.append(path)
+    return found
+
+
+def printed_page(
+    label: int, font: Path, rng: np.random.Generator
+) -> tuple[Image.Image, dict[str, Any]]:
+    """A printed digit in `font` on paper, scanned or photographed."""
+    from PIL import ImageFont
+
+    long_side = int(rng.integers(300, 2001))
+    size = (long_side, max(200, round(long_side * rng.uniform(0.7, 1.0))))
+    paper = str(rng.choice(list(PAPERS)))
+    rgb, field = _page(rng, size, paper, rng.uniform(0, 0.3), rng.uniform(1, 4))
+    height = round(min(size) * rng.uniform(0.25, 0.6))
+    face = ImageFont.truetype(str(font), height)
+    glyph = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(glyph)
+    left, top, right, bottom = draw.textbbox((0, 0), str(label), font=face)
+    x = rng.uniform(0, max(1, size[0] - (right - left))) - left
+    y = rng.uniform(0, max(1, size[1] - (bottom - top))) - top
+    draw.text((x, y), str(label), fill=255, font=face)
+    coverage = np.asarray(glyph, np.float32)[..., None] / 255.0
+    rgb[:] = rgb * (1 - coverage) + np.array(INKS["black"], np.float32) * coverage
+    fmt = "jpeg" if rng.random() < 0.6 else "png"
+    img = _finish(rgb, field, rng, rng.random() < 0.5, paper)
+    return img, {"size": long_side, "paper": paper, "ink": font.stem, "fmt": fmt}
 
 
 def blank_page(rng: np.random.Generator, kind: str) -> tuple[Image.Image, dict[str, Any]]:
@@ -275,10 +340,12 @@ def make_set(
     *,
     per_width: int = 40,
     blanks: int = 10,
+    others: int = 0,
     seed: int = 0,
 ) -> list[Page]:
-    """Write the pages and `manifest.json` into `out`; `per_width` scans and as many photos
-    for each stroke width, and `blanks` pages of each blank kind."""
+    """Write the pages and `manifest.json` into `out`: `per_width` scans and as many photos
+    for each stroke width, `others` marker photos, draw-page canvases and printed digits (in
+    Debian's DejaVu and Liberation fonts, where installed), `blanks` pages of each blank kind."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
@@ -292,6 +359,26 @@ def make_set(
                 name = f"{len(pages):04d}-{kind}-w{width}-{labels[i]}.{SUFFIX[meta['fmt']]}"
                 _save(img, out / name, meta["fmt"], rng)
                 pages.append(Page(name, str(int(labels[i])), kind, width, test_index=i, **meta))
+    # The kinds that read right before: thick marker photos, the draw page, printed digits.
+    for _ in range(others):
+        i = next(picks)
+        img, meta = marker_page(images[i], rng)
+        name = f"{len(pages):04d}-marker-{labels[i]}.{SUFFIX[meta['fmt']]}"
+        _save(img, out / name, meta["fmt"], rng)
+        pages.append(Page(name, str(int(labels[i])), "marker", 0, test_index=i, **meta))
+    for _ in range(others):
+        i = next(picks)
+        name = f"{len(pages):04d}-canvas-{labels[i]}.png"
+        canvas_page(images[i], rng).save(out / name)
+        meta = {"size": 280, "paper": "canvas", "ink": "white", "fmt": "png"}
+        pages.append(Page(name, str(int(labels[i])), "canvas", 18, test_index=i, **meta))
+    faces = fonts()
+    for n in range(others if faces else 0):
+        label = n % 10
+        img, meta = printed_page(label, faces[int(rng.integers(len(faces)))], rng)
+        name = f"{len(pages):04d}-printed-{label}.{SUFFIX[meta['fmt']]}"
+        _save(img, out / name, meta["fmt"], rng)
+        pages.append(Page(name, str(label), "printed", 0, test_index=-1, **meta))
     for kind in BLANK_KINDS:
         for _ in range(blanks):
             img, meta = blank_page(rng, kind)
@@ -320,9 +407,9 @@ def score(pages: list[Page], answers: dict[str, dict[str, Any]]) -> dict[str, An
                 blank_answers[f"width {p.width}"] += 1
         size = "300-799" if p.size < 800 else "800-1399" if p.size < 1400 else "1400-2000"
         keys = [f"kind {p.kind}", "all digits" if p.label != "blank" else "all blank pages"]
-        if p.label != "blank":
+        if p.kind in ("scan", "photo"):
             keys += [f"width {p.width}", f"paper {p.paper}", f"ink {p.ink}", f"size {size}"]
-            keys.append(f"format {p.fmt}")
+            keys += [f"format {p.fmt}", "all pen pages"]
         for key in keys:
             groups[key].append(right)
     return {
@@ -360,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--per-width", type=int, default=40)
     parser.add_argument("--blanks", type=int, default=20)
+    parser.add_argument("--others", type=int, default=40, help="marker, canvas, printed pages")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score", action="store_true", help="run predict and score the set")
     parser.add_argument("--results", type=Path, help="write the scores here (JSON)")
@@ -367,7 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     images, labels = _mnist_test(args.mnist_dir)
     pages = make_set(
-        images, labels, args.out, per_width=args.per_width, blanks=args.blanks, seed=args.seed
+        images,
+        labels,
+        args.out,
+        per_width=args.per_width,
+        blanks=args.blanks,
+        others=args.others,
+        seed=args.seed,
     )
     print(f"{len(pages)} pages in {args.out}")
     if not args.score:

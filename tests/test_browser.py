@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
 import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -67,13 +70,12 @@ def browser() -> Iterator[webdriver.Chrome]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def test_drawing_a_digit_shows_the_api_prediction(
-    server: str, browser: webdriver.Chrome, small_checkpoint: Path
-) -> None:
-    browser.get(server + "/")
+# A "7": a top bar, then a long diagonal down to the left (offsets from the canvas centre).
+SEVEN = [(-60, -90), (60, -90), (0, 0), (-25, 100)]
+
+
+def _draw(browser: webdriver.Chrome, path: list[tuple[int, int]]) -> None:
     canvas = browser.find_element(By.ID, "pad")
-    # A "7": a top bar, then a long diagonal down to the left (offsets from the canvas centre).
-    path = [(-60, -90), (60, -90), (0, 0), (-25, 100)]
     actions = ActionChains(browser, duration=10)
     actions.move_to_element_with_offset(canvas, *path[0]).click_and_hold()
     for (x0, y0), (x1, y1) in itertools.pairwise(path):
@@ -83,11 +85,25 @@ def test_drawing_a_digit_shows_the_api_prediction(
                 canvas, round(x0 + t * (x1 - x0)), round(y0 + t * (y1 - y0))
             )
     actions.release().perform()
-
     # The page marks itself idle once it shows the answer for the final canvas.
     WebDriverWait(browser, 20).until(
         lambda d: d.find_element(By.ID, "pad").get_attribute("data-state") == "idle"
     )
+
+
+def _canvas_png(browser: webdriver.Chrome) -> bytes:
+    return base64.b64decode(
+        browser.execute_script(
+            "return document.getElementById('pad').toDataURL('image/png')"
+        ).split(",", 1)[1]
+    )
+
+
+def test_drawing_a_digit_shows_the_api_prediction(
+    server: str, browser: webdriver.Chrome, small_checkpoint: Path
+) -> None:
+    browser.get(server + "/")
+    _draw(browser, SEVEN)
     shown = browser.find_element(By.ID, "prediction").text
     assert shown.isdigit()
     assert len(browser.find_elements(By.CSS_SELECTOR, "#top li .bar span")) == 3
@@ -95,11 +111,7 @@ def test_drawing_a_digit_shows_the_api_prediction(
     assert width and "width" in width
 
     # The page shows what the API answers for the very pixels on the canvas.
-    png = base64.b64decode(
-        browser.execute_script(
-            "return document.getElementById('pad').toDataURL('image/png')"
-        ).split(",", 1)[1]
-    )
+    png = _canvas_png(browser)
     with TestClient(create_app(small_checkpoint), base_url="http://localhost") as client:
         answer = client.post("/predict", files={"file": ("canvas.png", png, "image/png")})
     assert answer.status_code == 200
@@ -107,3 +119,19 @@ def test_drawing_a_digit_shows_the_api_prediction(
 
     browser.find_element(By.ID, "clear").click()
     assert browser.find_element(By.ID, "prediction").text == "–"
+
+
+def test_a_two_pixel_pen_is_read_like_a_thick_one(server: str, browser: webdriver.Chrome) -> None:
+    browser.get(server + "/")
+    # The page's pen slider set to 2 px, as a user would drag it.
+    browser.execute_script(
+        "const pen = document.getElementById('pen'); pen.value = 2;"
+        "pen.dispatchEvent(new Event('input'));"
+    )
+    assert browser.find_element(By.ID, "pen-width").text == "2 px"
+    _draw(browser, SEVEN)
+    # The canvas really holds a thin stroke: under 3% of its pixels are ink (18 px: ~15%).
+    canvas = np.asarray(Image.open(io.BytesIO(_canvas_png(browser))).convert("L"))
+    assert 0 < (canvas > 127).mean() < 0.03
+    assert browser.find_element(By.ID, "status").text == ""
+    assert browser.find_element(By.ID, "prediction").text == "7"

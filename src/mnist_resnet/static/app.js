@@ -7,6 +7,8 @@
   const prediction = document.getElementById("prediction");
   const top = document.getElementById("top");
   const status = document.getElementById("status");
+  const pen = document.getElementById("pen");
+  const penWidth = document.getElementById("pen-width");
   let drawing = false;
   let last = null;
   let inked = false;
@@ -25,7 +27,7 @@
     ctx.fillRect(0, 0, pad.width, pad.height);
     ctx.strokeStyle = "#fff";
     ctx.fillStyle = "#fff";
-    ctx.lineWidth = 18;
+    ctx.lineWidth = Number(pen.value);
     ctx.lineCap = "round";
     ctx.lineJoin = "round";
     inked = false;
@@ -141,6 +143,11 @@
   pad.addEventListener("pointerup", stop);
   pad.addEventListener("pointercancel", stop);
   document.getElementById("clear").addEventListener("click", reset);
+  // Any pen from a fine 1 px to a marker: the server brings strokes to MNIST's thickness.
+  pen.addEventListener("input", () => {
+    ctx.lineWidth = Number(pen.value);
+    penWidth.textContent = `${pen.value} px`;
+  });
 
   fetch("/model")
     .then((r) => r.json())
