@@ -46,6 +46,9 @@ MAX_PIXELS = 50_000_000
 WORK_SIDE = 1024
 # Below this contrast between background and ink (on a 0..1 scale) there is no digit to read.
 MIN_CONTRAST = 0.08
+# On a clean, noiseless page ink is what stands at least this far from the paper (a faint
+# 1-px pencil line on a big page, halved by the reduction to the work size, is about 0.06).
+INK_FLOOR = 0.04
 # The paper's surface and noise are fitted on a grid of at most this many pixels a side.
 FIT_SIDE = 64
 # Strokes are measured where the ink is above INK_LEVEL of its strength; MNIST's median width
@@ -247,7 +250,7 @@ def background(gray: Gray) -> tuple[Gray, float]:
         centre = float(np.median(kept))
         # The median absolute deviation: ink may cover up to half the pixels of a tight crop.
         sigma = 1.4826 * float(np.median(np.abs(kept - centre)))
-        within = np.abs(residual - centre) <= max(3.0 * sigma, 0.25 * MIN_CONTRAST)
+        within = np.abs(residual - centre) <= max(3.0 * sigma, 0.5 * INK_FLOOR)
         if within.sum() < 12 or (fits and np.array_equal(within, weights > 0)):
             break
         weights = within.astype(np.float64)
@@ -325,7 +328,7 @@ def find_ink(gray: Gray) -> Gray:
     """
     surface, sigma = background(gray)
     residual = gray - surface
-    tail = np.float32(max(4.0 * sigma, 0.5 * MIN_CONTRAST))
+    tail = np.float32(max(4.0 * sigma, 0.5 * INK_FLOOR))
     h, w = residual.shape
     # Pieces of one stroke broken by noise or a faint pen lie within ~1% of the page: grouping
     # on a grid of that cell size joins them (and is far cheaper than growing every piece).
@@ -350,10 +353,10 @@ def find_ink(gray: Gray) -> Gray:
     if strong.size == 0:
         raise BlankImage("blank image: no ink found (uniform canvas)")
     peak = _kth_largest(strong, int(np.clip(ink.size // 20_000, 3, 50)))
-    high = max(MIN_CONTRAST, 6.0 * sigma, 0.35 * peak)
+    high = max(INK_FLOOR, 6.0 * sigma, 0.35 * peak)
     if peak < high:
         raise BlankImage("blank image: no ink found (uniform canvas)")
-    low = max(0.5 * MIN_CONTRAST, 3.0 * sigma, 0.15 * peak)
+    low = max(0.5 * INK_FLOOR, 3.0 * sigma, 0.15 * peak)
     labels, count = ndimage.label(ink > low, structure=np.ones((3, 3)))
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[labels[ink > high]] = True
