@@ -9,6 +9,7 @@ set is the same on every machine; nothing of it is committed.
 
     .venv/bin/python benchmarks/pen_digits.py --out /tmp/pen-set            # make the set
     .venv/bin/python benchmarks/pen_digits.py --out /tmp/pen-set --score     # and score it
+    .venv/bin/python benchmarks/pen_digits.py --out /tmp/pen-set --score-only  # score again
 
 Scoring runs `mnist-resnet predict --json` (the path users run) on the set and prints the share
 answered right per stroke width, page kind, paper, size and format; the results and the command
@@ -450,9 +451,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--others", type=int, default=40, help="marker, canvas, printed pages")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--score", action="store_true", help="run predict and score the set")
+    parser.add_argument(
+        "--score-only", action="store_true", help="score the set already in --out, make nothing"
+    )
     parser.add_argument("--results", type=Path, help="write the scores here (JSON)")
     parser.add_argument("predict_args", nargs="*", help="extra predict arguments, after --")
     args = parser.parse_args(argv)
+    if args.score_only:
+        manifest = json.loads((args.out / "manifest.json").read_text())
+        pages = [Page(**p) for p in manifest]
+        return _score(args, pages)
     images, labels = _mnist_test(args.mnist_dir)
     pages = make_set(
         images,
@@ -464,8 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     print(f"{len(pages)} pages in {args.out}")
-    if not args.score:
-        return 0
+    return _score(args, pages) if args.score else 0
+
+
+def _score(args: argparse.Namespace, pages: list[Page]) -> int:
     answers = run_predict(args.out, [p.file for p in pages], args.predict_args)
     result = score(pages, answers)
     for key, (right, n) in result["right"].items():

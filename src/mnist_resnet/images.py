@@ -368,8 +368,15 @@ def find_ink(gray: Gray) -> Gray:
     for index, box in enumerate(ndimage.find_objects(groups), start=1):
         if box is None:
             continue
-        extent = cell * max(box[0].stop - box[0].start, box[1].stop - box[1].start)
         members = groups[box] == index
+        # The extent in pixels, from the stroke pixels in the group's cells (the grid alone
+        # would make a 5-px speck that straddles cells look 2-3 cells long).
+        pixels = strokes[box[0].start * cell : box[0].stop * cell, box[1].start * cell :]
+        pixels = pixels[:, : (box[1].stop - box[1].start) * cell]
+        cells = np.repeat(np.repeat(members, cell, axis=0), cell, axis=1) if cell > 1 else members
+        pixels = pixels & cells[: pixels.shape[0], : pixels.shape[1]]
+        rows, cols = np.nonzero(pixels.any(axis=1))[0], np.nonzero(pixels.any(axis=0))[0]
+        extent = max(int(rows[-1] - rows[0]), int(cols[-1] - cols[0])) + 1
         if cell * _border_contact(box, members, groups.shape) > 0.6 * extent:
             continue  # runs along the edge: the page's or a table's edge, not writing
         found.append((extent, int(members.sum()), index, box))
