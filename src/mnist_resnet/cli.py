@@ -391,14 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ServeConfig.request_timeout_s,
         metavar="SECONDS",
-        help="503 for a request not answered by then (default: %(default)s)",
+        help="408 for an upload not complete by then, 503 for a request not answered by then "
+        "once its upload is in (default: %(default)s)",
     )
     sv.add_argument(
         "--max-concurrency",
         type=int,
         default=ServeConfig.max_concurrency,
-        help="requests reading their uploads at once per worker; more wait before theirs are read "
-        "(default: %(default)s)",
+        help="requests preparing their images at once per worker; more wait with their uploads "
+        "read, which hold at most this many 5 MB bodies (default: %(default)s)",
     )
     sv.add_argument(
         "--max-connections",

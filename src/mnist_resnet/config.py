@@ -407,11 +407,13 @@ class ServeConfig:
     # longer than this, or its connection is closed: idle and slow connections cannot pile up.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
-    # A request not answered by then gets 503 instead of holding its connection.
+    # A body not complete by then gets 408, and a request whose body is in but is not answered
+    # by then gets 503, instead of holding its connection.
     request_timeout_s: float = 30.0
-    # Requests reading their bodies and preparing their images at once per worker (each body
-    # up to 5 MB); more wait before their bodies are read, so a burst queues in the network
-    # rather than in memory. Prepared images then wait for the batcher without this limit.
+    # Requests preparing their images at once per worker; more wait with their bodies read.
+    # Bodies are read first, outside this limit (a slow upload holds no place), within a byte
+    # budget of this many 5 MB bodies per worker (503 beyond it). Prepared images then wait
+    # for the batcher without this limit.
     max_concurrency: int = 32
     # Connections served at once per worker, idle ones included (Granian's backpressure): far
     # above what clients need, since the header timeout frees the slots of silent ones.
