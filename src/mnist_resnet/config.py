@@ -44,7 +44,9 @@ def dataset_label(dataset: str) -> str:
     own = own_data(dataset)
     if own is None:
         return dataset
-    stem = Path(own[1]).stem or "data"
+    # At most 64 characters of it: the run folder's name holds it, and a name over 255 bytes
+    # cannot be created.
+    stem = (Path(own[1]).stem or "data")[:64]
     return f"{own[0]}-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}"
 
 
