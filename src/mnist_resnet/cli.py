@@ -824,10 +824,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     shown = f"the pretrained {model.pretrained} model" if model.pretrained else model.path
+    shown = printable(str(shown))
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
-    print(
-        f"serving {printable(str(shown))} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)"
-    )
+    print(f"serving {shown} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)")
     serve(model.path, config)
     return 0
 
