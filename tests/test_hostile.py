@@ -474,6 +474,19 @@ def test_names_with_newlines_and_escapes_are_shown_escaped(
     assert "evil\\nmnist-resnet: all good\\x1b[2J.pt" in _one_line(capsys)
 
 
+def test_class_names_with_escapes_are_shown_escaped_by_data_info(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datafakes import make_npz
+
+    names = np.asarray(["ring\x1b[2J", "square\nmnist-resnet: ok", "cross"])
+    path = make_npz(tmp_path / "names.npz", names=False, class_names=names)
+    assert main(["data", "info", "--dataset", f"npz:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "ring\\x1b[2J" in out and "square\\nmnist-resnet: ok" in out
+    assert "\x1b" not in out and "\nmnist-resnet: ok" not in out
+
+
 def test_a_symlinked_class_folder_is_skipped_like_any_symlinked_folder_and_said(
     tmp_path: Path,
 ) -> None:
