@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +214,25 @@ def test_dead_workers_are_replaced_and_a_dead_supervisor_takes_its_workers(
         server.proc.wait()
         wait_for(lambda: not any(alive(w) for w in workers), 30, "no orphaned worker")
         socket.create_server(("127.0.0.1", server.port)).close()
+        # Its metrics folder is left (nobody could remove it): the next server removes it.
+        from mnist_resnet.serve import METRICS_PREFIX, _metrics_folder
+
+        left = list(Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}{server.proc.pid}-*"))
+        assert len(left) == 1
+        shutil.rmtree(_metrics_folder())
+        assert not left[0].exists()
+
+
+def test_the_metrics_folder_of_a_killed_supervisor_is_removed_by_the_next(tmp_path: Path) -> None:
+    from mnist_resnet.serve import METRICS_PREFIX, _metrics_folder
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{METRICS_PREFIX}{dead.pid}-abc"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"x")
+    running = tmp_path / f"{METRICS_PREFIX}{os.getpid()}-def"
+    running.mkdir()
+    fresh = Path(_metrics_folder(tmp_path))
+    assert fresh.is_dir() and fresh.name.startswith(f"{METRICS_PREFIX}{os.getpid()}-")
+    assert not stale.exists() and running.is_dir()

@@ -807,6 +807,27 @@ def _forget_dead_workers() -> None:
             pass
 
 
+METRICS_PREFIX = "mnist-resnet-metrics-"
+
+
+def _metrics_folder(parent: Path | None = None) -> str:
+    """A new folder for the workers' metric files, named after this (the supervisor's) process;
+    the folders of supervisors that no longer run (killed before they could remove theirs) are
+    removed first."""
+    parent = parent or Path(tempfile.gettempdir())
+    for old in parent.glob(f"{METRICS_PREFIX}*-*"):
+        pid = old.name[len(METRICS_PREFIX) :].split("-")[0]
+        try:
+            mine = old.stat().st_uid == os.getuid()
+            if mine and pid.isdigit():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another user's process, or gone meanwhile
+            pass
+    return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
+
+
 def serve(checkpoint: Path, config: ServeConfig) -> None:
     """Run the app under Granian until interrupted (Ctrl-C or SIGTERM).
 
@@ -817,7 +838,7 @@ def serve(checkpoint: Path, config: ServeConfig) -> None:
     from granian.log import LogLevels
     from granian.server import Server
 
-    metrics_dir = tempfile.mkdtemp(prefix="mnist-resnet-metrics-")
+    metrics_dir = _metrics_folder()
     settings = {
         "checkpoint": str(checkpoint.resolve()),
         "config": to_dict(config),
