@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,8 @@ from mnist_resnet.serve import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_PIXELS,
     SECURITY_HEADERS,
+    BodyBudget,
+    BodySizeLimit,
     create_app,
     make_scorer,
 )
@@ -246,6 +250,38 @@ def test_upload_names_reach_the_answer_and_the_log_escaped(
     logged = [r.getMessage() for r in caplog.records if r.name == "mnist_resnet.serve"]
     assert logged and logged[-1].startswith("400 POST /predict: a\\x1b[2Jb\\u2028c.png: ")
     assert all(ch.isprintable() for ch in logged[-1]), logged[-1]
+
+
+def test_a_body_is_bounded_in_all_and_by_the_workers_byte_budget() -> None:
+    """BodySizeLimit alone: a client that never pauses long but never finishes gets 408 once
+    the whole-body deadline passes; a body past the worker's byte budget gets 503."""
+    from fastapi import HTTPException
+
+    async def read_all(scope: object, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    async def dribble() -> dict[str, object]:
+        await asyncio.sleep(0.02)  # far below the 10 s pause limit
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def nothing_sent(message: object) -> None:
+        raise AssertionError(message)
+
+    scope = {"type": "http", "headers": []}
+    with pytest.raises(HTTPException) as late:
+        asyncio.run(BodySizeLimit(read_all, timeout=10, total=0.3)(scope, dribble, nothing_sent))
+    assert late.value.status_code == 408 and "not complete within 0.3 s" in late.value.detail
+
+    budget = BodyBudget(1000)
+    assert budget.take(990)  # other requests' bodies
+
+    async def chunk() -> dict[str, object]:
+        return {"type": "http.request", "body": b"y" * 20, "more_body": False}
+
+    with pytest.raises(HTTPException) as busy:
+        asyncio.run(BodySizeLimit(read_all, budget=budget)(scope, chunk, nothing_sent))
+    assert busy.value.status_code == 503 and budget.held == 990  # nothing of it kept
 
 
 _json_values = st.recursive(
