@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +39,16 @@ def get_status(port: int, path: str = "/readyz", timeout: float = 5.0) -> int | 
 
 
 @contextmanager
-def served(checkpoint: Path, *flags: str, ready_within: float = 180.0) -> Iterator[Served]:
-    """The server on a free port, yielded once /readyz answers 200; stopped (SIGTERM) after."""
+def served(
+    checkpoint: Path, *flags: str, ready_within: float = 180.0, log: Path | None = None
+) -> Iterator[Served]:
+    """The server on a free port, yielded once /readyz answers 200; stopped (SIGTERM) after.
+
+    `log`: a file that receives everything the server writes (stdout and stderr)."""
     port = free_port()
     argv = [sys.executable, "-m", "mnist_resnet", "serve", str(checkpoint), "--port", str(port)]
-    proc = subprocess.Popen([*argv, *flags], stdout=subprocess.DEVNULL)
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    proc = subprocess.Popen([*argv, *flags], stdout=out, stderr=subprocess.STDOUT if log else None)
     try:
         deadline = time.monotonic() + ready_within
         while get_status(port, timeout=2.0) != 200:
@@ -58,6 +63,37 @@ def served(checkpoint: Path, *flags: str, ready_within: float = 180.0) -> Iterat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log is not None:
+            out.close()  # type: ignore[union-attr]
+
+
+def children(pid: int) -> set[int]:
+    """The process ids of a process's children (Granian's workers and multiprocessing's helper)."""
+    try:
+        return {
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        }
+    except OSError:
+        return set()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not collected it
+
+
+def wait_for(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Seconds until `condition()` holds, checked every 20 ms; fails after `within` seconds."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"{what}: not within {within:g} s"
+        threading.Event().wait(0.02)
+    return time.monotonic() - started
 
 
 def tree_status(pid: int) -> dict[str, int]:

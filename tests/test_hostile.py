@@ -371,3 +371,185 @@ def test_an_unreadable_training_config_only_costs_the_recorded_precision(
     argv = ["evaluate", str(odd), "--data-dir", str(mnist_root), "--out", str(tmp_path / "out")]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("test accuracy: ")
+
+
+# --- odd names and archives (issue 29) --------------------------------------------------------
+
+
+def _train_argv(dataset: str, runs: Path) -> list[str]:
+    argv = ["train", "--dataset", dataset, "--depth", "8", "--dry-run", "--no-amp"]
+    return [*argv, "--batch-size", "4", "--runs-dir", str(runs)]
+
+
+def _member_npz(path: Path, member: str, *, method: int | None = None, flag: int = 0) -> Path:
+    """An npz whose x array is stored as `member`, with an odd compression method or flag."""
+    import zipfile
+
+    from datafakes import make_npz
+
+    good = make_npz(path.with_suffix(".good.npz"))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "x.npy":
+                info.filename = member
+            dst.writestr(info, data)
+    if method is not None or flag:
+        raw = bytearray(path.read_bytes())
+        for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+            at = raw.find(signature)
+            while at != -1:
+                if flag:
+                    raw[at + offset] |= flag  # general purpose flag: encrypted
+                if method is not None:
+                    raw[at + offset + 2 : at + offset + 4] = method.to_bytes(2, "little")
+                at = raw.find(signature, at + 4)
+        path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("member in a folder", "holds no 'x' array"),
+        ("encrypted member", "is not a readable .npz file"),
+        ("compression method 98", "is not a readable .npz file"),
+    ],
+)
+def test_odd_npz_archives_are_one_line(
+    case: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd.npz"
+    if case == "member in a folder":
+        _member_npz(path, "a/x.npy")
+    elif case == "encrypted member":
+        _member_npz(path, "x.npy", flag=1)
+    else:
+        _member_npz(path, "x.npy", method=98)
+    assert main(_train_argv(f"npz:{path}", tmp_path / "runs")) == 2
+    assert needle in _one_line(capsys)
+
+
+def test_class_names_that_are_not_text_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datafakes import SHAPES, make_image_folder, make_npz
+
+    # A folder name in Latin-1 on a UTF-8 system: Python sees a lone surrogate.
+    root = make_image_folder(tmp_path / "shapes", per_class=3)
+    os.rename(root / SHAPES[0], os.fsencode(root) + b"/caf\xe9")
+    assert main(_train_argv(f"folder:{root}", tmp_path / "runs")) == 2
+    assert "caf\\udce9" in _one_line(capsys)
+    names = np.asarray(["ring", "sq\udcffuare", "cross"])
+    path = make_npz(tmp_path / "names.npz", names=False, class_names=names)
+    assert main(_train_argv(f"npz:{path}", tmp_path / "runs")) == 2
+    assert "sq\\udcffuare" in _one_line(capsys)
+
+
+def test_a_very_long_folder_name_still_names_a_run_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datafakes import make_image_folder
+
+    root = make_image_folder(tmp_path / ("d" * 240), per_class=3)
+    assert main(_train_argv(f"folder:{root}", tmp_path / "runs")) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert len(run.name) < 128
+
+
+def test_names_with_newlines_and_escapes_are_shown_escaped(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forged = tmp_path / "evil\nmnist-resnet: all good\x1b[2J.png"
+    forged.write_bytes(b"not an image")
+    assert main(["predict", str(small_checkpoint), str(forged)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].endswith(
+        "evil\\nmnist-resnet: all good\\x1b[2J.png: error: "
+        "not an image in a supported format "
+        "(PNG, JPEG, GIF, BMP, TIFF or WebP)"
+    ), out
+    # An error line holding the name stays one line too.
+    assert main(["evaluate", str(forged.with_suffix(".pt"))]) == 2
+    assert "evil\\nmnist-resnet: all good\\x1b[2J.pt" in _one_line(capsys)
+
+
+def test_class_names_with_escapes_are_shown_escaped_by_data_info(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from datafakes import make_npz
+
+    names = np.asarray(["ring\x1b[2J", "square\nmnist-resnet: ok", "cross"])
+    path = make_npz(tmp_path / "names.npz", names=False, class_names=names)
+    assert main(["data", "info", "--dataset", f"npz:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "ring\\x1b[2J" in out and "square\\nmnist-resnet: ok" in out
+    assert "\x1b" not in out and "\nmnist-resnet: ok" not in out
+
+
+def test_a_symlinked_class_folder_is_skipped_like_any_symlinked_folder_and_said(
+    tmp_path: Path,
+) -> None:
+    from datafakes import SHAPES, make_image_folder
+
+    from mnist_resnet.data.own import scan_folder
+
+    root = make_image_folder(tmp_path / "shapes", per_class=3)
+    outside = make_image_folder(tmp_path / "elsewhere", per_class=2)
+    (root / "everything").symlink_to(outside)  # a class folder pointing out of the dataset
+    (root / SHAPES[0] / "deeper").symlink_to(outside / SHAPES[1])
+    said: list[str] = []
+    classes, files = scan_folder(root, log=said.append)
+    assert classes == tuple(sorted(SHAPES)) and sum(map(len, files)) == 9
+    assert len(said) == 1 and "not followed" in said[0], said
+    assert "everything" in said[0] and "deeper" in said[0], said
+
+
+def test_predict_takes_options_between_its_files(
+    small_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _digit_png(tmp_path)
+    second = tmp_path / "two.png"
+    second.write_bytes(first.read_bytes())
+    argv = ["predict", str(small_checkpoint), str(first), "--top-k", "2", str(second), "--json"]
+    assert main(argv) == 0
+    import json
+
+    answers = json.loads(capsys.readouterr().out)
+    assert [len(a["top"]) for a in answers] == [2, 2]
+    with pytest.raises(SystemExit):
+        main(["predict", str(small_checkpoint), str(first), "--no-such-flag"])
+
+
+def test_evaluate_without_data_leaves_no_folder_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_data(*_: object, **__: object) -> None:
+        raise data.DataError("fashion-mnist: no data here and no network")
+
+    monkeypatch.setattr("mnist_resnet.data.load_data", no_data)
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--pretrained", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # which model, then the error
+    assert len(err) == 2 and err[1].endswith("no data here and no network"), err
+    out = tmp_path / "figures" / "deeper"
+    assert main(["evaluate", "--pretrained", "fashion-mnist", "--out", str(out)]) == 2
+    assert not any(tmp_path.iterdir())  # neither pretrained-fashion-mnist/ nor figures/
+
+
+def test_damaged_metadata_of_a_shipped_model_is_listed_without_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnist_resnet import pretrained
+
+    folder = tmp_path / "package"
+    folder.mkdir()
+    for name in pretrained.NAMES:
+        shutil.copy(pretrained.FOLDER / f"{name}.pt", folder)
+    (folder / "mnist.json").write_text('{"classes": 5, "bytes": "many", "recipe": ["x"]}')
+    (folder / "fashion-mnist.json").write_text('{"classes": ["T-shirt\\u001b[2J", "Trouser\\n"]}')
+    monkeypatch.setattr(pretrained, "FOLDER", folder)
+    assert main(["pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist: the pretrained mnist model (shipped)" in out
+    assert "T-shirt\\x1b[2J, Trouser\\n" in out and "\x1b" not in out

@@ -12,7 +12,7 @@ import pytest
 import torch
 from datafakes import SHAPES, ShapesRun, shape_image
 
-from mnist_resnet import pretrained
+from mnist_resnet import data, pretrained
 from mnist_resnet.checkpoint import load_checkpoint, load_model
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.files import hash_file
@@ -82,6 +82,29 @@ def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path
     with pytest.raises(pretrained.PretrainedError, match=r"not trained with the mnist recipe"):
         pretrained.package(shapes_run.run_dir, "mnist", out_dir=tmp_path, log=lambda _: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_packaging_leaves_the_previous_files(
+    shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = {"mnist.pt": b"the previous weights", "mnist.json": b'{"sha256": "previous"}'}
+    for name, content in old.items():
+        (tmp_path / name).write_bytes(content)
+
+    def no_data(*_: object, **__: object) -> None:
+        raise data.DataError("no test data here")
+
+    # The measurement fails after the new checkpoint was written (staged) and loaded.
+    monkeypatch.setattr(data, "load_data", no_data)
+    with pytest.raises(data.DataError, match="no test data"):
+        pretrained.package(
+            shapes_run.run_dir,
+            "mnist",
+            out_dir=tmp_path,
+            recipe=_recipe(shapes_run),
+            log=lambda _: None,
+        )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # no staged file left
 
 
 def test_the_pin_guards_the_shipped_file(shipped: Path) -> None:

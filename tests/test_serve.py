@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,8 @@ from mnist_resnet.serve import (
     MAX_BODY_BYTES,
     MAX_UPLOAD_PIXELS,
     SECURITY_HEADERS,
+    BodyBudget,
+    BodySizeLimit,
     create_app,
     make_scorer,
 )
@@ -182,6 +186,8 @@ def test_model_info_names_no_local_path_and_probes_answer(
         ({"json": {"images": [[[1] * 28] * 28], "top_k": "²"}}, "JSON"),
         ({"files": {"file": ("a.png", b"x")}, "data": {"top_k": "²"}}, "top_k"),
         ({"files": {"file": ("a.png", b"x")}, "data": {"top_k": "٣"}}, "top_k"),
+        # Beyond int()'s 4,300-digit limit (a ValueError inside the check, a 500, before).
+        ({"files": {"file": ("a.png", b"x")}, "data": {"top_k": "9" * 4301}}, "top_k"),
     ],
 )
 def test_odd_values_are_4xx_not_500(
@@ -200,6 +206,82 @@ def test_an_upload_over_the_servers_pixel_budget_is_refused(client: TestClient) 
     answer = client.post("/predict", files={"file": ("big.png", buf.getvalue(), "image/png")})
     assert answer.status_code == 400
     assert f"{MAX_UPLOAD_PIXELS:,}-pixel limit" in answer.json()["detail"]
+
+
+def test_only_known_formats_are_decoded_and_their_cost_is_bounded_first(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EPS: Pillow would identify it and run Ghostscript to decode it.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n0 0 moveto 28 28 lineto stroke\n"
+    answer = client.post("/predict", files={"file": ("d.eps", eps)})
+    assert answer.status_code == 400
+    assert "not an image in a supported format (PNG, JPEG" in answer.json()["detail"]
+
+    def decoded(*_: object) -> None:
+        raise AssertionError("decoded although over the budget")
+
+    monkeypatch.setattr("mnist_resnet.serve.decode_opened", decoded)
+    # A 4000 x 4000 lossless WebP is a few hundred bytes and 0.3-0.5 s of decoding.
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000), 255).save(buf, "WEBP", lossless=True)
+    answer = client.post("/predict", files={"file": ("huge.webp", buf.getvalue())})
+    assert answer.status_code == 400 and "4000 x 4000" in answer.json()["detail"]
+    # Under the budget one by one, over it together: refused from the headers alone.
+    buf = io.BytesIO()
+    Image.new("L", (1000, 1000), 255).save(buf, "WEBP", lossless=True)
+    files = [("file", (f"{i}.webp", buf.getvalue())) for i in range(5)]
+    answer = client.post("/predict", files=files)
+    assert answer.status_code == 400
+    assert (
+        f"5,000,000 pixels together, over the server's {MAX_UPLOAD_PIXELS:,}"
+        in (answer.json()["detail"])
+    )
+
+
+def test_upload_names_reach_the_answer_and_the_log_escaped(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A multipart header cannot hold a raw newline; an ANSI escape and a Unicode line
+    # separator it can.
+    name = "a\x1b[2Jb\u2028c.png"
+    answer = client.post("/predict", files={"file": (name, b"not an image")})
+    assert answer.status_code == 400
+    assert answer.json()["detail"].startswith("a\\x1b[2Jb\\u2028c.png: not an image")
+    logged = [r.getMessage() for r in caplog.records if r.name == "mnist_resnet.serve"]
+    assert logged and logged[-1].startswith("400 POST /predict: a\\x1b[2Jb\\u2028c.png: ")
+    assert all(ch.isprintable() for ch in logged[-1]), logged[-1]
+
+
+def test_a_body_is_bounded_in_all_and_by_the_workers_byte_budget() -> None:
+    """BodySizeLimit alone: a client that never pauses long but never finishes gets 408 once
+    the whole-body deadline passes; a body past the worker's byte budget gets 503."""
+    from fastapi import HTTPException
+
+    async def read_all(scope: object, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+
+    async def dribble() -> dict[str, object]:
+        await asyncio.sleep(0.02)  # far below the 10 s pause limit
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def nothing_sent(message: object) -> None:
+        raise AssertionError(message)
+
+    scope = {"type": "http", "headers": []}
+    with pytest.raises(HTTPException) as late:
+        asyncio.run(BodySizeLimit(read_all, timeout=10, total=0.3)(scope, dribble, nothing_sent))
+    assert late.value.status_code == 408 and "not complete within 0.3 s" in late.value.detail
+
+    budget = BodyBudget(1000)
+    assert budget.take(990)  # other requests' bodies
+
+    async def chunk() -> dict[str, object]:
+        return {"type": "http.request", "body": b"y" * 20, "more_body": False}
+
+    with pytest.raises(HTTPException) as busy:
+        asyncio.run(BodySizeLimit(read_all, budget=budget)(scope, chunk, nothing_sent))
+    assert busy.value.status_code == 503 and budget.held == 990  # nothing of it kept
 
 
 _json_values = st.recursive(
@@ -241,12 +323,14 @@ def test_no_multipart_body_makes_a_500(
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
 def test_concurrent_large_uploads_keep_the_server_memory_bounded(small_checkpoint: Path) -> None:
-    """16 concurrent 16-MP PNG uploads (64 MB each decoded) against a real server process."""
+    """16 concurrent uploads of PNGs as large as the server takes (4 MP, 16 MB each decoded)
+    against a real server process."""
     import httpx
 
     with served(small_checkpoint) as server:
-        pixels = np.full((4000, 4000, 4), 255, np.uint8)
-        pixels[1000:3000, 1800:2200, :3] = 0
+        pixels = np.full((2000, 2000, 4), 255, np.uint8)
+        pixels[500:1500, 900:1100, :3] = 0
+        assert pixels.shape[0] * pixels.shape[1] <= MAX_UPLOAD_PIXELS
         buf = io.BytesIO()
         Image.fromarray(pixels, "RGBA").save(buf, "PNG")
         payload = buf.getvalue()

@@ -7,6 +7,7 @@ command itself is a few lines that call the library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import socket
 import sys
@@ -29,7 +30,7 @@ from mnist_resnet.config import (
     own_data,
     preset,
 )
-from mnist_resnet.errors import Interrupted, UserError
+from mnist_resnet.errors import Interrupted, UserError, printable
 
 # The shipped models' names, without importing the package that holds them (it reads files).
 PRETRAINED_NAMES = ("mnist", "fashion-mnist")
@@ -391,14 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ServeConfig.request_timeout_s,
         metavar="SECONDS",
-        help="503 for a request not answered by then (default: %(default)s)",
+        help="408 for an upload not complete by then, 503 for a request not answered by then "
+        "once its upload is in (default: %(default)s)",
     )
     sv.add_argument(
         "--max-concurrency",
         type=int,
         default=ServeConfig.max_concurrency,
-        help="requests reading their uploads at once per worker; more wait before theirs are read "
-        "(default: %(default)s)",
+        help="requests preparing their images at once per worker; more wait with their uploads "
+        "read, which hold at most this many 5 MB bodies (default: %(default)s)",
     )
     sv.add_argument(
         "--max-connections",
@@ -572,13 +574,20 @@ def _launch_processes(args: argparse.Namespace, train_cfg: TrainConfig) -> int:
 
 
 def _writable_folder(folder: Path, flag: str) -> Path:
-    """Create `folder` if needed and prove a file can be written there, before the long part."""
+    """Prove a file can be written in `folder`, before the long part. Folders made for the
+    proof are removed again: a command that then fails leaves nothing behind (the command
+    makes them when it writes there)."""
     from mnist_resnet.files import prove_writable
 
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         prove_writable(folder)
     except OSError as e:
         raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for path in made:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
     return folder
 
 
@@ -815,6 +824,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     shown = f"the pretrained {model.pretrained} model" if model.pretrained else model.path
+    shown = printable(str(shown))
     workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
     print(f"serving {shown} on http://{args.host}:{args.port}/ ({workers}; Ctrl-C stops)")
     serve(model.path, config)
@@ -845,8 +855,9 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
         shipped = name in pretrained.SHA256
         print(f"{name}: {pretrained.describe(name) if shipped else 'not shipped in this build'}")
         if shipped and meta:
-            print(f"  classes: {', '.join(meta.get('classes', []))}")
-            print(f"  trained {meta.get('trained')} by: {meta.get('command')} (make pretrained)")
+            print(f"  classes: {printable(', '.join(meta.get('classes', [])))}")
+            made = f"{meta.get('trained')} by: {meta.get('command')}"
+            print(f"  trained {printable(made)} (make pretrained)")
             print(f"  {meta.get('bytes', 0):,} bytes, sha256 {pretrained.SHA256[name]}")
     return 0
 
@@ -907,7 +918,14 @@ BATCH_LOOP_COMMANDS = ("train", "evaluate", "ensemble", "experiment")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `predict a.png --top-k 2 b.png`: paths after an option are more inputs (argparse stops
+    # collecting a positional at the first option); anything else unknown is still an error.
+    if args.command == "predict" and extra and not any(e.startswith("-") for e in extra):
+        args.inputs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = argv  # `train --nproc` hands the command line on to torchrun
     from mnist_resnet.distributed import is_main_process
     from mnist_resnet.runtime import retain_freed_memory
@@ -921,11 +939,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         # Under torchrun every rank meets the same error; rank 0 says it once.
         if is_main_process():
-            print(f"mnist-resnet: error: {e}", file=sys.stderr)
+            # One line whatever the message holds: a file or class name with a newline or an
+            # ANSI escape in it is shown escaped.
+            print(f"mnist-resnet: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except Interrupted as e:
         if is_main_process():
-            print(f"mnist-resnet: {e}", file=sys.stderr)
+            print(f"mnist-resnet: {printable(str(e))}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("mnist-resnet: aborted", file=sys.stderr)

@@ -44,7 +44,9 @@ def dataset_label(dataset: str) -> str:
     own = own_data(dataset)
     if own is None:
         return dataset
-    stem = Path(own[1]).stem or "data"
+    # At most 64 characters of it: the run folder's name holds it, and a name over 255 bytes
+    # cannot be created.
+    stem = (Path(own[1]).stem or "data")[:64]
     return f"{own[0]}-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}"
 
 
@@ -407,11 +409,13 @@ class ServeConfig:
     # longer than this, or its connection is closed: idle and slow connections cannot pile up.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 10.0
-    # A request not answered by then gets 503 instead of holding its connection.
+    # A body not complete by then gets 408, and a request whose body is in but is not answered
+    # by then gets 503, instead of holding its connection.
     request_timeout_s: float = 30.0
-    # Requests reading their bodies and preparing their images at once per worker (each body
-    # up to 5 MB); more wait before their bodies are read, so a burst queues in the network
-    # rather than in memory. Prepared images then wait for the batcher without this limit.
+    # Requests preparing their images at once per worker; more wait with their bodies read.
+    # Bodies are read first, outside this limit (a slow upload holds no place), within a byte
+    # budget of this many 5 MB bodies per worker (503 beyond it). Prepared images then wait
+    # for the batcher without this limit.
     max_concurrency: int = 32
     # Connections served at once per worker, idle ones included (Granian's backpressure): far
     # above what clients need, since the header timeout frees the slots of silent ones.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_resnet.config import TrainConfig
+from mnist_resnet.errors import printable
 from mnist_resnet.inference import predict_logits
 from mnist_resnet.runtime import Runtime
 
@@ -121,6 +122,8 @@ def evaluate_shard(
 
 def format_report(result: EvalResult, class_names: Sequence[str]) -> str:
     """Per-class accuracy and the confusion matrix as aligned text."""
+    # Names come from a user's folders or arrays: a newline or escape in one is shown escaped.
+    class_names = [printable(n) for n in class_names]
     width = max(5, *(len(n) for n in class_names))
     lines = ["per-class accuracy:"]
     for name, acc, total in zip(

@@ -15,6 +15,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.errors import printable
 from mnist_resnet.images import (
     IMAGE_SUFFIXES,
     ImageError,
@@ -166,12 +167,14 @@ def format_results(results: Sequence[FileResult], *, as_json: bool = False) -> s
     if as_json:
         return json.dumps([r.as_dict() for r in results], indent=2)
     lines = []
+    # One line per input, whatever its name or the class names hold (newlines, ANSI escapes,
+    # undecodable bytes): they are shown escaped.
     for r in results:
         if r.error is not None:
-            lines.append(f"{r.source}: error: {r.error}")
+            lines.append(printable(f"{r.source}: error: {r.error}"))
             continue
         ranked = ", ".join(f"{x.label} {x.probability:.1%}" for x in r.top)
-        lines.append(f"{r.source}: {r.top[0].label}  ({ranked})")
+        lines.append(printable(f"{r.source}: {r.top[0].label}  ({ranked})"))
     ok = sum(r.error is None for r in results)
     lines.append(f"predicted {ok} of {len(results)} inputs")
     return "\n".join(lines)

@@ -152,3 +152,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         # Bit-for-bit repeatability on the same machine; costs a little speed on CUDA only.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def trim_freed_memory() -> bool:
+    """Hand the free memory inside every malloc arena back to the OS now (glibc's malloc_trim):
+    a burst of small objects (a large JSON body parsed into millions of floats) leaves holes
+    that `return_freed_memory`'s mmap threshold does not cover. Returns whether any was freed;
+    False where the C library is not glibc."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, ValueError, OSError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

@@ -15,10 +15,17 @@ docs/serving.md), and it runs several worker processes for several cores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import json
+import logging
 import multiprocessing
 import os
+import shutil
+import signal
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +39,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -39,6 +47,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -49,25 +58,32 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mnist_resnet.batching import BatcherClosed, MicroBatcher
 from mnist_resnet.checkpoint import LoadedModel, load_model
 from mnist_resnet.config import ServeConfig, from_dict, to_dict
+from mnist_resnet.errors import printable
 from mnist_resnet.files import hash_file
 from mnist_resnet.images import (
     IMAGE_SIZE,
     BlankImage,
     ImageError,
-    decode,
+    decode_opened,
+    open_image,
     prepare_image,
     preprocess_pixels,
 )
 from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
 from mnist_resnet.predict import Ranked
-from mnist_resnet.runtime import available_cpus, return_freed_memory
+from mnist_resnet.runtime import available_cpus, return_freed_memory, trim_freed_memory
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_BATCH = 64
 TOP_K = 3
-# An upload is decoded at full size before it is reduced (PNG cannot decode smaller), so the
-# server takes fewer pixels than `predict` does: 16 MP is 64 MB as RGBA, far beyond a digit.
-MAX_UPLOAD_PIXELS = 16_000_000
+# Pixels one request may have decoded, all its images together, checked from their headers
+# before any is decoded. An upload is decoded at full size before it is reduced (PNG and WebP
+# cannot decode smaller), so the server takes far fewer than `predict` does: 4 MP is 16 MB as
+# RGBA and about 0.1 s of lossless WebP decoding, a 4000 x 4000 one 0.3-0.5 s (docs/serving.md).
+MAX_UPLOAD_PIXELS = 4_000_000
+# A body larger than this leaves its memory to be handed back to the OS once it is answered.
+TRIM_BYTES = 1024 * 1024
+log = logging.getLogger("mnist_resnet.serve")
 
 
 def image_threads(workers: int) -> int:
@@ -94,6 +110,8 @@ T = TypeVar("T")
 LARGE_JSON_BYTES = 512 * 1024
 # How `serve` hands its settings to Granian's worker processes, which build the app themselves.
 SETTINGS_ENV = "MNIST_RESNET_SERVE"
+# prometheus_client's multiprocess mode: where the workers' metric files live.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATIC_DIR = Path(str(resources.files("mnist_resnet") / "static"))
 
 
@@ -128,19 +146,57 @@ class PredictResponse(BaseModel):
     predictions: list[ImagePrediction]
 
 
+class BodyBudget:
+    """Bytes of request bodies one worker holds at once, counted as they arrive: bodies are read
+    before a request is admitted to the image work, so this, not the admission limit, is what
+    bounds their memory (one event loop per worker: no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class BodyIncomplete(HTTPException):
+    """The body stopped before its end: the client went away, or its chunked encoding was
+    malformed (Granian reports both as a disconnect). A 400 if anyone is still listening."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            400,
+            "request body incomplete: the connection closed before its end, or its chunked "
+            "encoding is malformed",
+        )
+
+
 class BodySizeLimit:
     """413 for bodies over `limit` bytes (by Content-Length up front, else while streaming); 408
-    when the client pauses longer than `timeout` seconds while sending its body."""
+    when the client pauses longer than `timeout` seconds, or has not sent the whole body within
+    `total` seconds; 503 while the worker holds `budget` bytes of bodies; 400 for a body that
+    ends early. Bodies over `TRIM_BYTES` hand their memory back to the OS once answered."""
 
     def __init__(
         self,
         app: ASGIApp,
         limit: int = MAX_BODY_BYTES,
         timeout: float = ServeConfig.body_timeout_s,
+        total: float = ServeConfig.request_timeout_s,
+        budget: BodyBudget | None = None,
     ) -> None:
         self.app = app
         self.limit = limit
         self.timeout = timeout
+        self.total = total
+        self.budget = budget or BodyBudget(ServeConfig.max_concurrency * limit)
+        self.trimming = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -150,27 +206,54 @@ class BodySizeLimit:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
                 await _send_json(send, 413, f"request body over {self.limit:,} bytes")
                 return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.total
         seen = 0
+        taken = 0
         complete = False
 
         async def limited() -> Message:
-            nonlocal seen, complete
+            nonlocal seen, taken, complete
             if complete:  # after the body, receive() waits for a disconnect: no deadline
                 return await receive()
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.timeout, left)))
             except TimeoutError:
                 # Raised inside the endpoint's body parsing; FastAPI answers it.
-                raise HTTPException(
-                    408, f"request body not received: no data for {self.timeout:g} s"
-                ) from None
-            seen += len(message.get("body", b""))
+                if left <= self.timeout:
+                    reason = f"not complete within {self.total:g} s"
+                else:
+                    reason = f"no data for {self.timeout:g} s"
+                raise HTTPException(408, f"request body not received: {reason}") from None
+            if message["type"] == "http.disconnect":
+                complete = True
+                raise BodyIncomplete()
+            size = len(message.get("body", b""))
+            seen += size
             complete = not message.get("more_body", False)
             if seen > self.limit:
                 raise HTTPException(413, f"request body over {self.limit:,} bytes")
+            if not self.budget.take(size):
+                raise HTTPException(
+                    503, "server busy: too many request bodies at once", {"Retry-After": "1"}
+                )
+            taken += size
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.budget.give(taken)
+            if taken > TRIM_BYTES and not self.trimming:
+                self.trimming = True
+                loop.run_in_executor(None, self._trim)
+
+    def _trim(self) -> None:
+        # A large JSON body became millions of small objects; freed, they leave holes in the
+        # heaps of the threads that parsed it, which glibc keeps unless asked (docs/serving.md).
+        self.trimming = False
+        trim_freed_memory()
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:
@@ -236,10 +319,15 @@ class SecurityHeaders:
 
 
 class Metrics:
-    """Prometheus metrics of one app, in a registry of its own (several apps, one process)."""
+    """Prometheus metrics of one app, in a registry of its own (several apps, one process).
+
+    Under `serve`, every worker process writes its values to files in the folder named by
+    `PROMETHEUS_MULTIPROC_DIR`, and a scrape of any worker reads them all: one view of the whole
+    server, whichever worker answers, that keeps the counts of workers that died."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.shared = bool(os.environ.get(MULTIPROC_ENV))
         self.latency = Histogram(
             "mnist_resnet_request_seconds",
             "Time from request to response, by endpoint",
@@ -254,7 +342,10 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
         )
         self.in_flight = Gauge(
-            "mnist_resnet_requests_in_flight", "Requests being answered", registry=self.registry
+            "mnist_resnet_requests_in_flight",
+            "Requests being answered",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # the live workers' requests, summed
         )
         self.responses = Counter(
             "mnist_resnet_responses",
@@ -263,9 +354,18 @@ class Metrics:
             registry=self.registry,
         )
 
+    def exposition(self) -> bytes:
+        if not self.shared:
+            return bytes(generate_latest(self.registry))
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(every_worker))
+
 
 class MeasureRequests:
-    """Times every request and counts its response by status code (errors included)."""
+    """Times every request, counts its response by status code (errors included) and logs each
+    failed one in one line; an exception no handler turned into a response becomes a 500 and one
+    line too, never a traceback. A client gone before its answer is counted as 499."""
 
     # Known endpoints by name; anything else is counted as "other", so a scan of random
     # paths cannot create a label per path.
@@ -282,21 +382,98 @@ class MeasureRequests:
         path = scope.get("path", "")
         label = path if path in self.PATHS else "other"
         started = time.perf_counter()
-        status = 500
+        status = 0
+        detail = b""
 
         async def observed(message: Message) -> None:
-            nonlocal status
+            nonlocal status, detail
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
+            elif status >= 400 and len(detail) < 2048:
+                detail += message.get("body", b"")
+            try:
+                await send(message)
+            except Exception:  # the connection is gone: nobody to answer
+                raise ClientGone() from None
 
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, observed)
+        except ClientGone:
+            status, detail = 499, b"the client went away before its answer"
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            if status:  # too late for another answer
+                status, detail = 500, reason.encode()
+            else:
+                status, detail = 500, b""
+                with contextlib.suppress(Exception):
+                    await _send_json(send, 500, "internal error")
+                detail = reason.encode()
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.responses.labels(code=str(status)).inc()
+            self.metrics.responses.labels(code=str(status or 500)).inc()
             self.metrics.latency.labels(path=label).observe(time.perf_counter() - started)
+        if status >= 400:
+            method = printable(str(scope.get("method", "")))[:16]
+            log.warning("%d %s %s: %s", status, method, printable(path[:200]), _reason(detail))
+
+
+class ClientGone(Exception):
+    """Sending the answer failed: the client closed its connection."""
+
+
+def _first_line(e: BaseException) -> str:
+    return printable((str(e).strip().splitlines() or [""])[0][:300])
+
+
+def _reason(body: bytes) -> str:
+    """The `detail` of a JSON error body, or its text, as one printable line."""
+    text = body[:2048].decode("utf-8", "replace")
+    try:
+        parsed = json.loads(text)
+        text = parsed["detail"] if isinstance(parsed, dict) and "detail" in parsed else text
+    except ValueError:
+        pass
+    return printable(str(text))[:300]
+
+
+class HeadAsGet:
+    """HEAD answered as the GET of the same path would be, without the body (RFC 9110: a
+    server that answers GET answers HEAD)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class OneHostHeader:
+    """400 for a request with several Host (or Content-Length) headers: which one counts
+    differs between proxies and servers, so the host check could be passed with one and the
+    request routed by the other."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = [name for name, _ in scope.get("headers", [])]
+            for header in (b"host", b"content-length"):
+                if names.count(header) > 1:
+                    await _send_json(send, 400, f"more than one {header.decode()} header")
+                    return
+        await self.app(scope, receive, send)
 
 
 def make_scorer(loaded: LoadedModel, config: ServeConfig) -> tuple[str, Scorer]:
@@ -337,9 +514,10 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
     # Image work runs on this pool, in arrival order (a semaphore over a larger pool woke its
     # waiters in no particular order, and a few requests waited far longer than the rest).
     image_pool = ThreadPoolExecutor(image_threads(config.workers), thread_name_prefix="image")
-    # Requests past this many wait here, before their bodies are read: bounds the memory held in
-    # request bodies at max_concurrency x MAX_BODY_BYTES whatever the number of clients.
+    # Requests past this many wait here once their bodies are read (which BodySizeLimit bounds
+    # in time and, with the body budget, in memory): a slow upload holds no slot meanwhile.
     admission = asyncio.Semaphore(config.max_concurrency)
+    budget = BodyBudget(config.max_concurrency * MAX_BODY_BYTES)
     class_names = list(loaded.class_names)
     test = loaded.state.get("test") or {}
     sha256 = hash_file(checkpoint)
@@ -382,8 +560,16 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES, timeout=config.body_timeout_s)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=MAX_BODY_BYTES,
+        timeout=config.body_timeout_s,
+        total=config.request_timeout_s,
+        budget=budget,
+    )
+    app.add_middleware(HeadAsGet)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*LOCAL_HOSTS, *config.allowed_hosts])
+    app.add_middleware(OneHostHeader)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(MeasureRequests, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -412,7 +598,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         "/predict",
@@ -457,6 +643,9 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
             return _as_response(_top_k(scores, k, class_names))
 
         response.headers["X-Model-SHA256"] = sha256
+        # The whole body first, before admission: a slow upload then holds no admission slot
+        # (BodySizeLimit bounds its time: --body-timeout per pause, --request-timeout in all).
+        await request.body()
         try:
             return await asyncio.wait_for(answer(), config.request_timeout_s)
         except TimeoutError:
@@ -527,31 +716,53 @@ async def _upload_batch(
         raise HTTPException(422, "no image: send the image(s) in multipart field 'file'")
     k_field = form.get("top_k", str(TOP_K))
     # isdecimal accepts only 0-9 in any script, which int() reads; isdigit would let "²" by.
-    valid = isinstance(k_field, str) and k_field.isascii() and k_field.isdecimal()
-    if not valid or not 1 <= int(str(k_field)) <= 10:
+    # Two digits at most: int() of a 5,000-digit string raises (Python's conversion limit).
+    k_text = k_field if isinstance(k_field, str) and len(k_field) <= 2 else ""
+    if not (k_text.isascii() and k_text.isdecimal() and 1 <= int(k_text) <= 10):
         raise HTTPException(422, "top_k must be an integer from 1 to 10")
+    names = [printable(u.filename or f"file {i}")[:100] for i, u in enumerate(uploads)]
+    # Every header first (format, size): what decoding them all would cost is known, and
+    # refused, before any pixel is decoded.
+    opened = await _in_thread(pool, _open_uploads, [u.file for u in uploads], names)
     images = []
-    for i, upload in enumerate(uploads):
-        name = upload.filename or f"file {i}"
+    for name, img in zip(names, opened, strict=True):
         try:
-            images.append(await _in_thread(pool, _decode_and_preprocess, upload.file, mode))
+            images.append(await _in_thread(pool, _decode_and_preprocess, img, mode))
         except BlankImage as e:
             raise HTTPException(422, f"{name}: {e}") from None
         except ImageError as e:
             raise HTTPException(400, f"{name}: {e}") from None
-    return np.stack(images), int(str(k_field))
+    return np.stack(images), int(k_text)
 
 
-def _decode_and_preprocess(upload: BinaryIO, mode: str) -> np.ndarray[Any, Any]:
-    # The spooled upload is read here, in the image thread: one thread hop per image, not two.
-    upload.seek(0)
-    return prepare_image(decode(upload.read(), max_pixels=MAX_UPLOAD_PIXELS), mode)
+def _open_uploads(uploads: list[BinaryIO], names: list[str]) -> list[Image.Image]:
+    opened = []
+    for upload, name in zip(uploads, names, strict=True):
+        upload.seek(0)
+        try:
+            opened.append(open_image(upload.read(), max_pixels=MAX_UPLOAD_PIXELS))
+        except ImageError as e:
+            raise HTTPException(400, f"{name}: {e}") from None
+    total = sum(img.width * img.height for img in opened)
+    if total > MAX_UPLOAD_PIXELS:
+        raise HTTPException(
+            400,
+            f"the {len(opened)} images hold {total:,} pixels together, over the server's "
+            f"{MAX_UPLOAD_PIXELS:,}-pixel limit per request: send fewer or smaller images",
+        )
+    return opened
+
+
+def _decode_and_preprocess(img: Image.Image, mode: str) -> np.ndarray[Any, Any]:
+    return prepare_image(decode_opened(img), mode)
 
 
 def app_from_environment() -> FastAPI:
     """Granian's factory: each worker process builds the app from the settings `serve` left in
     the environment."""
     settings = json.loads(os.environ[SETTINGS_ENV])
+    _exit_with(settings["supervisor"])
+    _forget_dead_workers()
     return_freed_memory()  # after a burst of large uploads the memory goes back to the OS
     config = from_dict(ServeConfig, settings["config"])
     app = create_app(Path(settings["checkpoint"]), config)
@@ -560,22 +771,85 @@ def app_from_environment() -> FastAPI:
     # requests for tens of milliseconds under load.
     gc.collect()
     gc.freeze()
+    # One line per worker start: after a replacement, the log says when it took over.
+    print(f"mnist-resnet: worker {os.getpid()} ready", file=sys.stderr, flush=True)
     return app
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _exit_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when its supervisor dies,
+    even by SIGKILL: orphaned workers would otherwise keep the port (Linux only)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _forget_dead_workers() -> None:
+    """Drop the in-flight gauges of worker processes that no longer run (a killed worker's
+    requests are not in flight any more); their counters stay, so totals never go back."""
+    folder = os.environ.get(MULTIPROC_ENV)
+    if not folder:
+        return
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
+        except PermissionError:
+            pass
+
+
+METRICS_PREFIX = "mnist-resnet-metrics-"
+
+
+def _metrics_folder(parent: Path | None = None) -> str:
+    """A new folder for the workers' metric files, named after this (the supervisor's) process;
+    the folders of supervisors that no longer run (killed before they could remove theirs) are
+    removed first."""
+    parent = parent or Path(tempfile.gettempdir())
+    for old in parent.glob(f"{METRICS_PREFIX}*-*"):
+        pid = old.name[len(METRICS_PREFIX) :].split("-")[0]
+        try:
+            mine = old.stat().st_uid == os.getuid()
+            if mine and pid.isdigit():
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another user's process, or gone meanwhile
+            pass
+    return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
+
+
 def serve(checkpoint: Path, config: ServeConfig) -> None:
-    """Run the app under Granian until interrupted (Ctrl-C or SIGTERM)."""
+    """Run the app under Granian until interrupted (Ctrl-C or SIGTERM).
+
+    A worker that dies (killed, out of memory) is replaced while the others go on answering;
+    the workers stop when the supervisor does, however it ends."""
     from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server import Server
 
-    settings = {"checkpoint": str(checkpoint.resolve()), "config": to_dict(config)}
+    metrics_dir = _metrics_folder()
+    settings = {
+        "checkpoint": str(checkpoint.resolve()),
+        "config": to_dict(config),
+        "supervisor": os.getpid(),
+    }
     os.environ[SETTINGS_ENV] = json.dumps(settings)
+    os.environ[MULTIPROC_ENV] = metrics_dir
     # Fresh worker processes: a fork of this one (which has used torch, so its OpenMP pool
     # exists) hangs at its first parallel kernel.
     multiprocessing.set_start_method("spawn", force=True)
-    Server(
+    server = Server(
         "mnist_resnet.serve:app_from_environment",
         factory=True,
         interface=Interfaces.ASGI,
@@ -588,4 +862,11 @@ def serve(checkpoint: Path, config: ServeConfig) -> None:
         backpressure=config.max_connections,
         http1_settings=HTTP1Settings(header_read_timeout=round(config.header_timeout_s * 1000)),
         log_level=LogLevels.warning,
-    ).serve()
+        # A dead worker is replaced (Granian gives up if the same one dies again within 5.5 s of
+        # its start, rather than crash-looping).
+        respawn_failed_workers=True,
+    )
+    try:
+        server.serve()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor
 from mnist_resnet.config import MAX_CLASSES, own_data
 from mnist_resnet.data.datasets import IMAGE_SIZE, Log
 from mnist_resnet.data.errors import DataError
+from mnist_resnet.errors import printable
 from mnist_resnet.images import IMAGE_SUFFIXES, ImageError, load_image, prepare_image
 
 # One million images is 784 MB as uint8: far beyond a hand-made dataset, within any machine.
@@ -84,13 +86,30 @@ def load_own(
 # ----------------------------------------------------------------------------- folders
 
 
-def _image_files(folder: Path, budget: int) -> tuple[list[Path], int]:
+def _check_text(source: str, what: str, names: tuple[str, ...]) -> None:
+    """Class names are saved in checkpoints and shown everywhere: they must be text. A lone
+    surrogate (a folder name in another encoding than the system's, or one put into an npz)
+    cannot be written as UTF-8."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(
+                f"{source}: {what} '{printable(name)}' is not valid UTF-8 text; rename it"
+            ) from None
+
+
+def _image_files(folder: Path, budget: int, linked: list[str]) -> tuple[list[Path], int]:
     """Image files under `folder` (recursively, sorted, hidden ones skipped), and how many other
-    files were skipped. Stops with an error beyond `budget` images, before any is decoded."""
+    files were skipped; symlinked folders are not followed, and added to `linked`. Stops with
+    an error beyond `budget` images, before any is decoded."""
     found: list[Path] = []
     skipped = 0
     for top, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        linked += [str(Path(top) / d) for d in sorted(dirs) if (Path(top) / d).is_symlink()]
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not (Path(top) / d).is_symlink()
+        )
         for name in sorted(names):
             if name.startswith("."):
                 continue
@@ -107,18 +126,26 @@ def _image_files(folder: Path, budget: int) -> tuple[list[Path], int]:
 
 
 def scan_folder(
-    root: Path, *, budget: int = MAX_IMAGES
+    root: Path, *, budget: int = MAX_IMAGES, log: Log = print
 ) -> tuple[tuple[str, ...], list[list[Path]]]:
-    """Class names (sorted sub-folder names) and each class's image files, checked."""
+    """Class names (sorted sub-folder names) and each class's image files, checked.
+
+    Symlinked folders are not followed, class folders included: one could lead anywhere (a
+    link to / reads the whole disk). `log` says which were left out."""
     if not root.is_dir():
         raise DataError(f"folder:{root}: no such folder")
+    linked = sorted(str(d) for d in root.iterdir() if d.is_symlink() and d.is_dir())
     classes = tuple(
         sorted(
             d.name
             for d in root.iterdir()
-            if d.is_dir() and not d.name.startswith(".") and d.name != TEST_FOLDER
+            if d.is_dir()
+            and not d.is_symlink()
+            and not d.name.startswith(".")
+            and d.name != TEST_FOLDER
         )
     )
+    _check_text(f"folder:{root}", "class folder", classes)
     if len(classes) < 2:
         raise DataError(
             f"folder:{root} needs one sub-folder of images per class, at least 2; found "
@@ -132,9 +159,14 @@ def scan_folder(
     files: list[list[Path]] = []
     skipped = 0
     for name in classes:
-        found, other = _image_files(root / name, budget - sum(map(len, files)))
+        found, other = _image_files(root / name, budget - sum(map(len, files)), linked)
         files.append(found)
         skipped += other
+    if linked:
+        log(
+            f"folder:{root}: {len(linked)} symlinked folder(s) not followed: "
+            f"{_listed([printable(str(Path(d).relative_to(root))) for d in linked])}"
+        )
     empty = [name for name, found in zip(classes, files, strict=True) if not found]
     if empty:
         raise DataError(
@@ -148,11 +180,12 @@ def read_folder(
     root: Path, preprocess: str, log: Log = print
 ) -> tuple[tuple[str, ...], tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
     """Class names, the training images and labels, and those of `root/test/` if present."""
-    classes, files = scan_folder(root)
+    classes, files = scan_folder(root, log=log)
     test_root = root / TEST_FOLDER
     test_files = None
     if test_root.is_dir():
-        test_classes, test_files = scan_folder(test_root, budget=MAX_IMAGES - sum(map(len, files)))
+        budget = MAX_IMAGES - sum(map(len, files))
+        test_classes, test_files = scan_folder(test_root, budget=budget, log=log)
         if test_classes != classes:
             extra = sorted(set(test_classes) - set(classes))
             missing = sorted(set(classes) - set(test_classes))
@@ -222,6 +255,24 @@ def _header(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.
     return tuple(shape), dtype
 
 
+# What zipfile and numpy raise for a damaged or odd archive: an encrypted member (RuntimeError),
+# a compression method Python lacks (NotImplementedError), a bad deflate stream (zlib.error).
+_UNREADABLE_ZIP = (
+    zipfile.BadZipFile,
+    ValueError,
+    OSError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    KeyError,
+    zlib.error,
+)
+
+
+def _reason(e: BaseException) -> str:
+    return printable(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:120]
+
+
 def read_npz(
     path: Path,
 ) -> tuple[tuple[str, ...], tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
@@ -231,7 +282,8 @@ def read_npz(
         raise DataError(f"{source}: no such file")
     try:
         with zipfile.ZipFile(path) as archive:
-            members = {Path(n).stem: n for n in archive.namelist() if n.endswith(".npy")}
+            # By their whole names, as np.load keys them: `a/x.npy` is not the array `x`.
+            members = {n[: -len(".npy")]: n for n in archive.namelist() if n.endswith(".npy")}
             missing = [k for k in ("x", "y") if k not in members]
             if missing:
                 raise DataError(
@@ -242,8 +294,8 @@ def read_npz(
             if ("x_test" in members) != ("y_test" in members):
                 raise DataError(f"{source}: x_test and y_test go together; found only one")
             headers = {k: _header(archive, n) for k, n in members.items()}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise DataError(f"{source} is not a readable .npz file: {str(e)[:120]}") from None
+    except _UNREADABLE_ZIP as e:
+        raise DataError(f"{source} is not a readable .npz file: {_reason(e)}") from None
     _check_arrays(source, headers, "x", "y")
     has_test = "x_test" in headers
     if has_test:
@@ -263,8 +315,8 @@ def read_npz(
             x, y = arrays["x"], arrays["y"]
             test = (arrays["x_test"], arrays["y_test"]) if has_test else None
             names = arrays["class_names"] if names_header is not None else None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{source} is not a readable .npz file: {str(e)[:120]}") from None
+    except _UNREADABLE_ZIP as e:
+        raise DataError(f"{source} is not a readable .npz file: {_reason(e)}") from None
     classes = _class_names(source, names, y)
     train = _labelled(source, x, y, classes, "y")
     if test is None:
@@ -299,6 +351,7 @@ def _class_names(
             raise DataError(f"{source}: label {top} is over the limit of {MAX_CLASSES} classes")
         return tuple(str(i) for i in range(max(2, top + 1)))
     out = tuple(n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names)
+    _check_text(source, "class_names", out)
     bad = [n for n in out if not 0 < len(n) <= MAX_NAME]
     if bad or len(set(out)) != len(out):
         raise DataError(

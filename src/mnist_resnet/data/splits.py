@@ -16,6 +16,7 @@ from mnist_resnet.data.errors import DataError
 from mnist_resnet.data.idx import read_split
 from mnist_resnet.data.own import load_own
 from mnist_resnet.data.sources import fetch
+from mnist_resnet.errors import printable
 
 # Own data: the validation split takes at most this share of the training images, whatever
 # --val-size says (its default, 5,000, is a twelfth of MNIST's training set).
@@ -154,13 +155,13 @@ def info(dataset: str | DatasetSpec, root: Path | str, *, log: Log = print) -> D
 
 def format_info(di: DatasetInfo) -> str:
     lines = [
-        f"{di.name}  ({di.raw_dir})",
+        printable(f"{di.name}  ({di.raw_dir})"),
         f"  train {di.train_count} images, test {di.test_count} images, 28x28 uint8",
         f"  training pixels: mean {di.pixel_mean:.4f}, std {di.pixel_std:.4f}",
         "  class             train   test",
     ]
     for name, tr, te in zip(di.classes, di.train_class_counts, di.test_class_counts, strict=True):
-        lines.append(f"    {name:<14} {tr:>6} {te:>6}")
+        lines.append(f"    {printable(name):<14} {tr:>6} {te:>6}")  # own data: any name
     lines.append("  files:")
     for fname, sha in di.hashes.items():
         lines.append(f"    {fname}  sha256 {sha[:16]}…  from {di.sources.get(fname, '?')}")

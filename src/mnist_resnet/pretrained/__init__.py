@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -29,8 +30,8 @@ from mnist_resnet.config import (
     from_dict,
     preset,
 )
-from mnist_resnet.errors import UserError
-from mnist_resnet.files import atomic_write_text, hash_file
+from mnist_resnet.errors import UserError, printable
+from mnist_resnet.files import hash_file, temp_beside
 
 NAMES = ("mnist", "fashion-mnist")
 DEFAULT = "mnist"
@@ -141,14 +142,39 @@ def weights_path(name: str, folder: Path | None = None) -> Path:
     return path
 
 
+# The metadata fields that are shown, and their types; a field of another type (an edited or
+# damaged file) is left out rather than crash the listing.
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "classes": list,
+    "recipe": str,
+    "command": str,
+    "trained": str,
+    "test_accuracy": float,
+    "bytes": int,
+}
+
+
 def metadata(name: str, folder: Path | None = None) -> dict[str, Any]:
-    """What `package` recorded about a shipped model (an empty dict if its file is absent)."""
+    """What `package` recorded about a shipped model (an empty dict if its file is absent);
+    the fields in `META_TYPES` only when they have their type (classes: a list of strings)."""
     _known(name)
     try:
         meta = json.loads(((folder or FOLDER) / f"{name}.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return meta if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        return {}
+    odd = [
+        key
+        for key, kind in META_TYPES.items()
+        if key in meta
+        and (
+            not isinstance(meta[key], kind)
+            or isinstance(meta[key], bool)
+            or (key == "classes" and not all(isinstance(c, str) for c in meta[key]))
+        )
+    ]
+    return {key: value for key, value in meta.items() if key not in odd}
 
 
 def describe(name: str, folder: Path | None = None) -> str:
@@ -156,7 +182,7 @@ def describe(name: str, folder: Path | None = None) -> str:
     meta = metadata(name, folder)
     accuracy = meta.get("test_accuracy")
     measured = f", {accuracy:.2%} test accuracy" if isinstance(accuracy, float) else ""
-    return f"the pretrained {name} model ({meta.get('recipe', 'shipped')}{measured})"
+    return f"the pretrained {name} model ({printable(meta.get('recipe', 'shipped'))}{measured})"
 
 
 # ----------------------------------------------------------------------------- packaging
@@ -204,10 +230,7 @@ def package(
     aside), and its selected model is measured once more on the test set in fp32 on the CPU,
     as `predict` and `serve` run it.
     """
-    from mnist_resnet import data
-    from mnist_resnet.checkpoint import load_checkpoint, load_model, save_checkpoint
-    from mnist_resnet.evaluate import evaluate
-    from mnist_resnet.runtime import make_runtime
+    from mnist_resnet.checkpoint import load_checkpoint, save_checkpoint
 
     recipe = recipe or _known(name)
     out_dir = out_dir or FOLDER
@@ -248,9 +271,33 @@ def package(
         "test_loss": float(state["test"]["loss"]),
     }
     shipped["pretrained"] = meta
-    out = out_dir / f"{name}.pt"
-    save_checkpoint(out, shipped)
-    loaded = load_model(out)  # the shipped file passes the checks any checkpoint must pass
+    out, meta_file = out_dir / f"{name}.pt", out_dir / f"{name}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Both files are staged beside their final names and measured there; the package's own
+    # files are replaced only once everything passed, so a failed or interrupted packaging
+    # leaves the previous model, its metadata and its pin in agreement.
+    with temp_beside(out) as staged, temp_beside(meta_file) as staged_meta:
+        save_checkpoint(staged, shipped)
+        record = _measured(staged, meta, data_dir, log)
+        record.update(file=out.name, bytes=staged.stat().st_size, sha256=hash_file(staged))
+        staged_meta.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(staged, out)
+        os.replace(staged_meta, meta_file)
+    sha, size = record["sha256"], record["bytes"]
+    return Packaged(out, sha, size, record)
+
+
+def _measured(
+    path: Path, meta: dict[str, Any], data_dir: Path | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """`meta` with what the checkpoint at `path` measures on the test set in fp32 on the CPU,
+    as `predict` and `serve` run it, after it passed the checks any checkpoint must pass."""
+    from mnist_resnet import data
+    from mnist_resnet.checkpoint import load_model
+    from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.runtime import make_runtime
+
+    loaded = load_model(path)
     splits = data.load_data(
         dataclasses.replace(loaded.data_config, data_dir=str(data_dir or default_data_dir())),
         log=log,
@@ -264,8 +311,7 @@ def package(
         std=loaded.std,
         runtime=runtime,
     )
-    sha, size = hash_file(out), out.stat().st_size
-    record = {
+    return {
         **meta,
         "test_images": len(splits.test_labels),
         "fp32_cpu_test_accuracy": fp32.accuracy,
@@ -274,9 +320,4 @@ def package(
             for key, t in loaded.state["model"].items()
             if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
         ),
-        "file": out.name,
-        "bytes": size,
-        "sha256": sha,
     }
-    atomic_write_text(out_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
-    return Packaged(out, sha, size, record)
