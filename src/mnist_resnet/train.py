@@ -634,7 +634,7 @@ class _Trainer:
         epochs_run = self.start_epoch
         for epoch in range(self.start_epoch, epochs):
             epochs_run = epoch + 1
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": self._epoch_lr()}
             row.update(self._train_epoch(epoch))
             # With --ema-decay the averaged weights are validated, selected and tested.
             selectable = self.model if self.average is None else self.average.model
@@ -672,6 +672,13 @@ class _Trainer:
         if writer is not None:
             writer.close()
         return self._finish(epochs_run, time.perf_counter() - start)
+
+    def _epoch_lr(self) -> float:
+        """The learning rate of the epoch's first step, also when a resume starts mid-epoch
+        (the optimizer then holds the rate of the step it resumes at)."""
+        first_step = self.scheduler.last_epoch - self.progress.step
+        factor = self.scheduler.lr_lambdas[0](first_step)
+        return float(self.scheduler.base_lrs[0] * factor)
 
     def _check_finite(self, model: nn.Module, epoch: int) -> None:
         """Stop before a model whose weights went NaN/inf is judged, selected or saved: its
