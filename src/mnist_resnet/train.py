@@ -791,14 +791,25 @@ def train(
     preset: str = "custom",
     log: Log = print,
     resume: Path | None = None,
+    resume_data_dir: str | None = None,
 ) -> TrainResult:
     """Train (or resume) a run and evaluate its selected checkpoint once on the test set.
 
+    A resumed run takes every setting from the run itself, the data folder included; give
+    `resume_data_dir` when its files are now elsewhere (they must hash the same).
     Started by torchrun with several processes, it joins their process group (gloo on CPUs,
     NCCL on CUDA) and trains data-parallel; it leaves the group on success and on error.
     """
     with distributed.process_group(accel=train_cfg.accel):
-        return _train(model_cfg, train_cfg, data_cfg, preset=preset, log=log, resume=resume)
+        return _train(
+            model_cfg,
+            train_cfg,
+            data_cfg,
+            preset=preset,
+            log=log,
+            resume=resume,
+            resume_data_dir=resume_data_dir,
+        )
 
 
 def _train(
@@ -809,13 +820,14 @@ def _train(
     preset: str,
     log: Log,
     resume: Path | None,
+    resume_data_dir: str | None,
 ) -> TrainResult:
     resume_state = None
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
         # Killed before its first checkpoint: nothing to restore, so start that run over.
         preset, model_cfg, train_cfg, data_cfg = saved_configs(
-            read_run_config(resume), preset, data_cfg.data_dir, source=resume / "config.json"
+            read_run_config(resume), preset, resume_data_dir, source=resume / "config.json"
         )
         log(f"{resume} has no checkpoint yet: starting that run from the beginning")
         fresh_dir, resume = resume, None
@@ -825,7 +837,7 @@ def _train(
         # Rank 0 picks and reads the checkpoint; every rank then restores the same state.
         ckpt, resume_state = distributed.main_only(lambda: load_resume(resume))
         preset, model_cfg, train_cfg, data_cfg = saved_configs(
-            resume_state["config"], preset, data_cfg.data_dir, source=ckpt
+            resume_state["config"], preset, resume_data_dir, source=ckpt
         )
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     else:
