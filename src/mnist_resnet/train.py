@@ -564,14 +564,15 @@ class _Trainer:
         """Save every --checkpoint-steps steps, and on Ctrl-C/SIGTERM save and stop."""
         cfg, p = self.cfg, self.progress
         periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
-        if not (self._stop_requested() or periodic) or p.step >= self.steps_per_epoch:
+        stop = self._stop_requested(p.step)
+        if not (stop or periodic) or p.step >= self.steps_per_epoch:
             return  # the epoch's own checkpoint follows at its end
         self._settle(epoch)  # the saved sums are complete, and no bad step is saved
         p.seconds = seconds
         p.augment_rng = augment_rng.get_state()
         if cfg.save_model:
             self._save(epoch)
-        if self.stop.requested:
+        if stop:
             raise TrainingInterrupted(
                 f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
                 f"Continue with: mnist-resnet train --resume {self.run_dir}"
@@ -597,10 +598,16 @@ class _Trainer:
         """The weights an epoch is judged by: the running average if there is one."""
         return self.eval_forward if self.average is None else self.average.model
 
-    def _stop_requested(self) -> bool:
-        # Ranks must agree: one that stopped alone would leave the others waiting in DDP.
-        if self.dist.enabled:
-            self.stop.requested = distributed.any_rank(self.stop.requested)
+    def _stop_requested(self, step: int | None = None) -> bool:
+        """Whether to stop now: at once in one process; with several, only where all ranks ask
+        (at the end of an epoch, and every --log-interval steps within one, as the losses are
+        read back then anyway): the question is a collective the host waits for, and one that
+        stopped alone would leave the others waiting in DDP."""
+        if not self.dist.enabled:
+            return self.stop.requested
+        if step is not None and step % self.cfg.log_interval:
+            return False
+        self.stop.requested = distributed.any_rank(self.stop.requested)
         return self.stop.requested
 
     def run(self) -> TrainResult:
