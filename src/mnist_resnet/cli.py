@@ -117,8 +117,10 @@ DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--preprocess",
         "preprocess",
-        "own image files: mnist (crop to the ink, centre it, as predict does) or resize "
-        "(grayscale, whole picture to 28x28); predict and serve then do the same",
+        "own image files: mnist (crop to the ink, centre it, as predict does for digits), "
+        "fashion (product photos, as Fashion-MNIST was made) or resize (grayscale, whole picture "
+        "to 28x28); predict and serve then do the same. Named datasets need none: predict "
+        "prepares pictures as each was made (fashion for fashion-mnist, else mnist)",
     ),
     (
         "--test-fraction",
@@ -855,6 +857,7 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
         print(f"{name}: {pretrained.describe(name) if shipped else 'not shipped in this build'}")
         if shipped and meta:
             print(f"  classes: {', '.join(meta.get('classes', []))}")
+            print(f"  inputs ({meta.get('preprocess')} preparation): {meta.get('inputs')}")
             print(f"  trained {meta.get('trained')} by: {meta.get('command')} (make pretrained)")
             print(f"  {meta.get('bytes', 0):,} bytes, sha256 {pretrained.SHA256[name]}")
     return 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_resnet.config import (
+    PREPROCESS_INPUTS,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -265,8 +266,12 @@ def package(
         runtime=runtime,
     )
     sha, size = hash_file(out), out.stat().st_size
+    preparation = loaded.data_config.preparation
     record = {
         **meta,
+        # The card says what pictures the model is for: predict and serve prepare them so.
+        "preprocess": preparation,
+        "inputs": PREPROCESS_INPUTS[preparation],
         "test_images": len(splits.test_labels),
         "fp32_cpu_test_accuracy": fp32.accuracy,
         "parameters": sum(
