@@ -3,7 +3,11 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip --disable-pip-version-check
+# Which torch build pip installs is whichever it finds for 2.13.0: PyPI's Linux wheel is the
+# CUDA build (a 5 GB .venv). TORCH_INDEX=https://download.pytorch.org/whl/cpu adds PyTorch's
+# CPU index, whose 2.13.0+cpu then wins (README: which build goes where).
+TORCH_INDEX ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 ARGS ?=
 LINTED := $(wildcard src tests benchmarks)
 

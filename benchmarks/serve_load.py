@@ -8,6 +8,8 @@ for `--seconds`, one request at a time each, and reports requests/s and p50/p99 
 servers' resident memory (all their processes) is sampled during and after. Then the lock-out
 check: `--idle` connections that send nothing and as many that stop mid-header, with single
 requests timed at 1, 10 and 30 s. Results go to benchmarks/results-serve.json.
+Ctrl-C, SIGTERM or SIGHUP stop both servers (each in a session of its own, workers included)
+and remove the baseline worktree before the script exits with 130.
 
     .venv/bin/python benchmarks/serve_load.py runs/NAME/best.pt --baseline 3c5b168
 """
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -28,7 +31,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -157,13 +161,24 @@ class Server:
     def __init__(self, name: str, src: Path, checkpoint: Path, extra: list[str]) -> None:
         self.name = name
         self.port = _free_port()
-        env = {**os.environ, "PYTHONPATH": str(src)}
-        cmd = [sys.executable, "-m", "mnist_resnet", "serve", str(checkpoint)]
+        self.src, self.checkpoint, self.extra = src, checkpoint, extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(self.src)}
+        cmd = [sys.executable, "-m", "mnist_resnet", "serve", str(self.checkpoint)]
+        # A session of its own: `stop` ends the server and its workers as one group, and a
+        # Ctrl-C in the terminal reaches only this script, which then stops them in order.
         self.proc = subprocess.Popen(
-            [*cmd, "--port", str(self.port), *extra], env=env, stdout=subprocess.DEVNULL
+            [*cmd, "--port", str(self.port), *self.extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        print(f"started the {self.name} server (pid {self.proc.pid})", flush=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -174,11 +189,29 @@ class Server:
         raise SystemExit(f"{self.name} server did not become ready")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """SIGTERM to the server's process group, SIGKILL to what is left of it after 20 s."""
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break  # the whole group is gone
+            try:
+                self.proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                continue
+            if not _group_alive(self.proc.pid):
+                break
+        self.proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _get(port: int, path: str, timeout: float = 5.0) -> int | str:
@@ -193,24 +226,29 @@ def _get(port: int, path: str, timeout: float = 5.0) -> int | str:
 
 
 def _load_phase(server: Server, kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    assert server.proc is not None
+    pid = server.proc.pid
     samples: list[float] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.25):
-            samples.append(_tree_rss_mb(server.proc.pid))
+            samples.append(_tree_rss_mb(pid))
 
-    sampler = threading.Thread(target=sample)
+    # A daemon, and told to end in any case: an interrupted phase must not keep the script.
+    sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cmd = [sys.executable, __file__, "--generate", str(server.port), kind]
     cmd += [str(args.concurrency), str(args.seconds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    done.set()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    finally:
+        done.set()
     sampler.join()
     result: dict[str, Any] = json.loads(out)
     time.sleep(2.0)  # then how much the server kept
     result["rss_peak_mb"] = max(samples, default=None)
-    result["rss_after_mb"] = _tree_rss_mb(server.proc.pid)
+    result["rss_after_mb"] = _tree_rss_mb(pid)
     return result
 
 
@@ -246,6 +284,28 @@ def _lockout_phase(server: Server, idle: int) -> list[dict[str, Any]]:
     return probes
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM and SIGHUP unwind like Ctrl-C: the cleanup runs
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While cleaning up: a second Ctrl-C must not cut the servers' stop or the removal short."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _git(*argv: str, check: bool = False) -> None:
+    subprocess.run(["git", "-C", str(REPO), *argv], check=check, capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -257,27 +317,38 @@ def main() -> int:
     parser.add_argument("--new-args", default="", help="extra flags for this tree's server")
     parser.add_argument("--out", type=Path, default=HERE / "results-serve.json")
     args = parser.parse_args()
+    for sig in STOP_SIGNALS[1:]:
+        signal.signal(sig, _interrupt)
+    try:
+        phases, lockout = _measure(args)
+    except KeyboardInterrupt:
+        print("interrupted: both servers stopped, the baseline worktree removed", file=sys.stderr)
+        return 130
+    _write_results(args, phases, lockout)
+    return 0
 
-    with ExitStack() as stack:
+
+def _measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Start the baseline worktree and both servers, run the phases; whatever happens (an
+    error, Ctrl-C, SIGTERM), stop the servers and remove the worktree before returning."""
+    stack = ExitStack()
+    try:
+        # Registered first, so run last: forget a worktree whose folder is already gone.
+        stack.callback(_git, "worktree", "prune")
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-baseline-")))
         tree = tmp / "tree"
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.baseline],
-            check=True,
-            capture_output=True,
-        )
-        stack.callback(
-            subprocess.run,
-            ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
-            check=False,
-        )
+        stack.callback(_git, "worktree", "remove", "--force", str(tree))
+        _git("worktree", "add", "--detach", str(tree), args.baseline, check=True)
+        print(f"baseline worktree: {tree}", flush=True)
         servers = [
             Server("baseline", tree / "src", args.checkpoint, []),
             Server("this tree", REPO / "src", args.checkpoint, args.new_args.split()),
         ]
         for server in servers:
-            stack.callback(server.stop)
+            stack.callback(server.stop)  # before it starts: no moment leaves it unowned
+            server.start()
         for server in servers:
+            assert server.proc is not None
             server.wait_ready()
             idle_rss = _tree_rss_mb(server.proc.pid)
             print(f"{server.name}: ready on port {server.port}, {idle_rss} MB resident")
@@ -298,7 +369,15 @@ def main() -> int:
         for server in servers:
             lockout[server.name] = _lockout_phase(server, args.idle)
             print(f"lock-out, {server.name}: {lockout[server.name]}", flush=True)
+    finally:
+        with _signals_ignored():
+            stack.close()
+    return phases, lockout
 
+
+def _write_results(
+    args: argparse.Namespace, phases: list[dict[str, Any]], lockout: dict[str, Any]
+) -> None:
     summary: dict[str, Any] = {}
     for kind in ("png", "json"):
         for name in ("baseline", "this tree"):
@@ -328,7 +407,6 @@ def main() -> int:
         "lockout": lockout,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

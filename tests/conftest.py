@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,19 @@ def precision_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(precision.CACHE_ENV, str(folder))
         yield folder
+
+
+# Set for the whole session, so every process a test starts (and theirs) inherits it: what
+# tells this session's leftovers from other runs on the machine (test_reliability.py).
+SESSION_ENV = "MNIST_RESNET_TEST_SESSION"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_marker() -> Iterator[str]:
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SESSION_ENV, marker)
+        yield marker
 
 
 def _fetch_into_cache() -> Path:

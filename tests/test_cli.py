@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mnist_resnet.cli import build_parser, main, train_configs
-from mnist_resnet.config import PRESETS, TrainConfig
+from mnist_resnet.config import PRESETS, DataConfig, TrainConfig
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -129,3 +130,53 @@ def test_existing_run_is_not_overwritten(
     argv = ["train", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path), "--name", "taken"]
     assert main(argv) == 2
     assert "--resume" in _error_line(capsys)
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
+    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started with a relative --data-dir, killed, resumed from another folder without one:
+    the resumed run reads the files the run used (saved as an absolute path), and fetches
+    nothing into ./data; a --data-dir given with --resume says where the files are now."""
+    import mnist_resnet.train as train_module
+    from mnist_resnet import data
+
+    monkeypatch.delenv("MNIST_RESNET_DATA", raising=False)
+    real_prepare, real_save = data.prepare_data, train_module._Trainer._save
+    read_from: list[str] = []
+
+    def prepare(cfg: DataConfig, **kw: Any) -> Any:
+        read_from.append(cfg.data_dir)
+        assert Path(cfg.data_dir).is_absolute(), read_from  # never ./data of the current folder
+        return real_prepare(cfg, **kw)
+
+    def save_then_die(self: Any, epochs_done: int) -> None:
+        real_save(self, epochs_done)
+        raise _Killed
+
+    monkeypatch.setattr(data, "prepare_data", prepare)
+    monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
+    run = tmp_path / "runs" / "r"
+    argv = ["train", "--depth", "8", "--epochs", "1", "--subset", "0.02", "--no-amp"]
+    argv += ["--checkpoint-steps", "4", "--runs-dir", str(run.parent), "--name", "r"]
+    monkeypatch.chdir(mnist_root.parent)
+    with pytest.raises(_Killed):
+        main([*argv, "--data-dir", mnist_root.name])
+    monkeypatch.setattr(train_module._Trainer, "_save", real_save)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert read_from == [str(mnist_root), str(mnist_root)]
+    assert not (elsewhere / "data").exists()
+    # Files moved: --data-dir with --resume names their new place (they must hash the same).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "MNIST").symlink_to(mnist_root / "MNIST", target_is_directory=True)
+    (run / "result.json").unlink()
+    assert main(["train", "--resume", str(run), "--data-dir", str(moved)]) == 0
+    assert read_from[-1] == str(moved)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,16 @@ def _rank_main(rank: int, port: int, out: str, cfgs: tuple[Any, ...]) -> None:
         LOCAL_WORLD_SIZE=str(WORLD),
     )
     lines: list[str] = []
+    collectives: list[dict[str, Any]] = []
+    real_all_reduce = torch.distributed.all_reduce
+
+    def recorded(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        config = str(torch.distributed.get_backend_config())
+        collectives.append({"tensor": str(tensor.dtype), "numel": tensor.numel(),
+                            "device": tensor.device.type, "backends": config})  # fmt: skip
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = recorded  # in this rank's own process only
     result = train(*cfgs, log=lines.append)
     assert result.model is not None
     report = {
@@ -74,6 +85,7 @@ def _rank_main(rank: int, port: int, out: str, cfgs: tuple[Any, ...]) -> None:
         "test_count": result.test.count,
         "log": lines,
         "group_left": not torch.distributed.is_initialized(),
+        "collectives": collectives,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
@@ -119,6 +131,71 @@ def test_only_rank_zero_logs_and_writes_once(two_process_run: tuple[Path, list[A
     state = load_checkpoint(run_dir / "checkpoints" / "epoch-002.pt")
     assert state["world_size"] == WORLD
     assert not any(k.startswith("module.") for k in state["model"])  # the unwrapped module
+
+
+def _carried(backends: str) -> set[str]:
+    """The device kinds a process group's backend config ("cpu:gloo,cuda:nccl") reduces on."""
+    return {part.split(":")[0].strip() for part in backends.split(",")}
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_a_stop_every_log_interval_on_the_backends_device(
+    two_process_run: tuple[Path, list[Any]],
+) -> None:
+    """Asking the ranks whether one wants to stop is a collective the host waits for: asked
+    every --log-interval steps and at each epoch's end, not at every step. And every tensor a
+    collective of the run reduced was on a device the group's backend carries."""
+    _, reports = two_process_run
+    cfg = _configs(Path("data"), Path("runs"))[1]
+    started = next(line for line in reports[0]["log"] if line.startswith("training "))
+    n_train = int(re.search(r"(\d+) train /", started)[1])  # type: ignore[index]
+    steps = n_train // (cfg.batch_size * WORLD)
+    for report in reports:
+        calls = report["collectives"]
+        assert calls and all(c["device"] in _carried(c["backends"]) for c in calls)
+        stop_flags = [c for c in calls if (c["tensor"], c["numel"]) == ("torch.int64", 1)]
+        assert len(stop_flags) == cfg.epochs * (steps // cfg.log_interval + 1)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param("nccl", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                      reason="NCCL needs a CUDA GPU")),
+        pytest.param("cpu:gloo,cuda:nccl", marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="NCCL needs a CUDA GPU")),
+    ],
+)  # fmt: skip
+def test_rank_helpers_reduce_where_the_backend_works(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`any_rank` and `all_reduce_sum` in a real group of this one process (told it has two):
+    each tensor a collective gets is on a device the backend carries (an NCCL-only group gets
+    its CPU tensors moved to the GPU), and the results come back as given, on the CPU."""
+    dist = torch.distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.backend_for(accel=True) == "cpu:gloo,cuda:nccl"  # CPU tensors: gloo
+    assert distributed.backend_for(accel=False) == "gloo"
+    monkeypatch.undo()
+    seen: list[str] = []
+    real_all_reduce = dist.all_reduce
+
+    def recorded(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(tensor.device.type)
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_reduce", recorded)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        assert distributed.any_rank(True) is True and distributed.any_rank(False) is False
+        total = distributed.all_reduce_sum(torch.tensor([1.5, 2.0], dtype=torch.float64))
+        assert total.device.type == "cpu" and total.tolist() == [1.5, 2.0]
+        assert len(seen) == 3 and set(seen) <= _carried(str(dist.get_backend_config()))
+    finally:
+        monkeypatch.undo()
+        dist.destroy_process_group()
 
 
 @pytest.mark.numerics

@@ -81,6 +81,37 @@ def test_ensemble_averages_member_probabilities(
     assert alone.accuracy == pytest.approx(evaluate_saved(small_checkpoint).accuracy)
 
 
+@pytest.mark.slow
+def test_one_member_runs_in_its_recorded_precision_as_evaluate_does(
+    small_checkpoint: Path,
+    mnist_root: Path,
+    tmp_path: Path,
+    evaluate_saved: Callable[[Path], EvalResult],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The CPU probe now says the opposite of what the run recorded (another machine, another
+    load): `ensemble` of the one checkpoint still scores it as `evaluate` does."""
+    from mnist_resnet import precision
+
+    recorded = load_model(small_checkpoint).trained_amp
+    assert recorded is not None  # every run records the precision it chose
+    opposite = precision.Probe(1.0, 1.0, 0.5 if recorded else 2.0, "2026-01-01")
+    monkeypatch.setattr(precision, "cpu_probe", lambda channels_last: (opposite, "forced"))
+    alone = ensemble([small_checkpoint], data_dir=mnist_root, log=lambda _: None)
+    reference = evaluate_saved(small_checkpoint)  # in the recorded precision
+    labels = data.load("mnist", mnist_root, log=lambda _: None).test_labels.long()
+    # The same probabilities to the last bit: the loss of their average is the same float.
+    assert alone.loss == float(F.nll_loss(reference.probabilities.clamp_min(1e-12).log(), labels))
+    assert alone.accuracy == reference.accuracy
+    # And the two commands print the same accuracy line.
+    root = ["--data-dir", str(mnist_root)]
+    assert cli.main(["evaluate", str(small_checkpoint), *root, "--out", str(tmp_path)]) == 0
+    evaluated = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cli.main(["ensemble", str(small_checkpoint), *root]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == evaluated
+
+
 @pytest.mark.numerics
 def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) -> None:
     member = load_model(small_checkpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import struct
@@ -13,8 +14,17 @@ import pytest
 from PIL import Image
 
 from mnist_resnet import data
+from mnist_resnet.checkpoint import load_model
 from mnist_resnet.cli import main
-from mnist_resnet.images import BlankImage, UnreadableImage, decode, preprocess
+from mnist_resnet.config import DataConfig
+from mnist_resnet.images import (
+    BlankImage,
+    UnreadableImage,
+    decode,
+    fashion_style,
+    prepare_image,
+    preprocess,
+)
 from mnist_resnet.predict import Predictor
 
 
@@ -201,3 +211,57 @@ def test_cli_reports_every_file_and_fails_only_on_unreadable(
     assert lines[0].startswith(str(good / "d0.jpg") + ": ")
     assert sum(": error: " in line for line in lines) == len(bad) + 1
     assert lines[-1] == f"predicted 1 of {len(bad) + 2} inputs"
+
+
+def _garment() -> np.ndarray:
+    """A shaded shirt-like item, bright on black, 28 px tall and 20 wide, where Fashion-MNIST
+    puts such an item (centred by its box)."""
+    item = np.zeros((28, 28), np.uint8)
+    y, x = np.mgrid[0:28, 0:20]
+    shape = ((x >= 5) & (x < 15)) | (y < 9)  # sleeves across the top, the body below
+    item[:, 4:24] = np.where(shape, 90 + 4 * y + 3 * x, 0)
+    return item
+
+
+def _product_photo(item: np.ndarray, scale: int = 8, side: int = 300) -> Image.Image:
+    """`item` as a photo of the product: dark on a light-grey table lit unevenly (215-245),
+    8x larger, off centre, with noise (benchmarks/fashion_inputs.py makes 2,000 such)."""
+    big = Image.fromarray(item).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC)
+    ys, xs = np.mgrid[0:side, 0:side] / side
+    reflectance = np.ones((side, side))
+    reflectance[30 : 30 + 28 * scale, 60 : 60 + 28 * scale] = 1 - np.asarray(big) / 255
+    noise = np.random.default_rng(0).normal(0.0, 2.0, (side, side))
+    photo = (215 + 15 * ys + 15 * xs) * reflectance + noise
+    return Image.fromarray(np.clip(np.round(photo), 0, 255).astype(np.uint8))
+
+
+def test_fashion_preparation_undoes_a_product_photo_and_keeps_a_fashion_mnist_image() -> None:
+    item = _garment()
+    # Already a Fashion-MNIST image: kept as it is.
+    assert np.array_equal(prepare_image(Image.fromarray(item), "fashion"), item)
+    photo = _product_photo(item)
+    fashion = fashion_style(photo)
+    assert np.array_equal(prepare_image(photo, "fashion"), fashion)
+    rows, cols = np.nonzero(fashion > 30)
+    assert (rows.min(), rows.max()) == (0, 27)  # the longest edge is 28 px again
+    assert cols.min() >= 3 and cols.max() <= 24  # and the item is centred by its box
+    # Mean difference per pixel from the item photographed (of 255): 10.4 by this
+    # preparation, 46.3 by the MNIST-style one, which fits the item into 20 px by its mass.
+    assert np.abs(fashion.astype(int) - item).mean() < 16
+    assert np.abs(preprocess(photo).astype(int) - item).mean() > 30
+
+
+def test_models_prepare_pictures_the_way_their_training_images_were_made(
+    small_checkpoint: Path,
+) -> None:
+    assert DataConfig(dataset="fashion-mnist").preparation == "fashion"
+    assert DataConfig(dataset="mnist", preprocess="resize").preparation == "mnist"  # unused there
+    assert DataConfig(dataset="folder:/x", preprocess="fashion").preparation == "fashion"
+    DataConfig(dataset="folder:/x", preprocess="fashion").validate()
+    # A Fashion-MNIST checkpoint saved preprocess "mnist" (the default) before the mode existed.
+    loaded = load_model(small_checkpoint)
+    assert loaded.data_config.preprocess == "mnist"
+    fashion = dataclasses.replace(
+        loaded, data_config=dataclasses.replace(loaded.data_config, dataset="fashion-mnist")
+    )
+    assert Predictor(loaded).preprocess == "mnist" and Predictor(fashion).preprocess == "fashion"

@@ -15,7 +15,9 @@ from datafakes import SHAPES, ShapesRun, shape_image
 from mnist_resnet import data, pretrained
 from mnist_resnet.checkpoint import load_checkpoint, load_model
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
+from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
 from mnist_resnet.files import hash_file
+from mnist_resnet.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +73,7 @@ def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
     assert meta["sha256"] == hash_file(packaged.path) and meta["bytes"] == packaged.size
     assert meta["command"] == _recipe(shapes_run).command
     assert meta["classes"] == list(SHAPES) and meta["test_images"] == 9
+    assert (meta["preprocess"], meta["inputs"]) == ("mnist", PREPROCESS_INPUTS["mnist"])
     assert meta["test_accuracy"] == original.state["test"]["accuracy"]
     assert 0.0 <= meta["fp32_cpu_test_accuracy"] <= 1.0 and re.fullmatch(
         r"\d{4}-\d\d-\d\d", meta["trained"]
@@ -186,6 +189,9 @@ def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: st
     assert list(loaded.class_names) == meta["classes"]
     assert not pretrained.recipe_differences(loaded.state["config"], recipe)
     assert meta["command"] == recipe.command
+    # The card says what pictures it is for, and predict prepares them that way.
+    assert meta["preprocess"] == Predictor(loaded).preprocess == DATASET_PREPROCESS[recipe.dataset]
+    assert meta["inputs"] == PREPROCESS_INPUTS[meta["preprocess"]]
 
 
 def _pinned(name: str) -> Path:

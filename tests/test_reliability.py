@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SESSION_ENV
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -424,8 +425,58 @@ def test_argparse_type_errors_exit_2_with_usage(capsys: pytest.CaptureFixture[st
     assert "invalid int value: 'many'" in capsys.readouterr().err
 
 
+def _session_processes(needle: str = "mnist_resnet") -> list[int]:
+    """Live processes whose command line holds `needle` and that this test session started:
+    its children, and whatever carries its marker (their children, torchrun's workers, orphans
+    of a killed parent). Another user's run on the same machine is not this session's to judge.
+    """
+    marker = f"{SESSION_ENV}={os.environ[SESSION_ENV]}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        if needle.encode() in cmdline and (marker in environ or parent == os.getpid()):
+            found.append(int(proc.name))
+    return found
+
+
+def test_the_leftover_check_judges_only_this_sessions_processes(tmp_path: Path) -> None:
+    """A `mnist_resnet train` of someone else (not a child, without the session's marker) is
+    not a leftover; one this session started is, and so is its marked orphan."""
+    code = "import pathlib, sys, time; pathlib.Path(sys.argv[1]).touch(); time.sleep(120)"
+    others_env = {k: v for k, v in os.environ.items() if k != SESSION_ENV}
+    # Started through a shell that exits at once: reparented, like another user's process.
+    shell = 'exec "$@" >/dev/null 2>&1 & echo $!'
+
+    def sleeper(name: str) -> list[str]:
+        return [sys.executable, "-c", code, str(tmp_path / name), "mnist_resnet", "train"]
+
+    spawn = ["sh", "-c", shell, "sh"]
+    foreign = int(subprocess.run([*spawn, *sleeper("foreign")], env=others_env,
+                                 capture_output=True, text=True).stdout)  # fmt: skip
+    orphan = int(subprocess.run([*spawn, *sleeper("orphan")], capture_output=True).stdout)
+    child = subprocess.Popen(sleeper("child"))
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / name).exists() for name in ("foreign", "orphan", "child")):
+            assert time.monotonic() < deadline, "the sleepers did not start"
+            time.sleep(0.01)
+        found = _session_processes()
+        assert child.pid in found and orphan in found
+        assert foreign not in found
+    finally:
+        for pid in (foreign, orphan):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
+
+
 def test_environment_is_clean_of_test_leftovers() -> None:
-    # The kill tests run children; none may survive the test session.
-    out = subprocess.run(["pgrep", "-f", "mnist_resnet train"], capture_output=True, text=True)
-    mine = [pid for pid in out.stdout.split() if int(pid) != os.getpid()]
-    assert not mine
+    # The kill tests run children; none may survive them (runs of other sessions may).
+    assert _session_processes() == []

@@ -344,9 +344,12 @@ def test_concurrent_large_uploads_keep_the_server_memory_bounded(small_checkpoin
             codes = list(pool.map(post, range(32)))
         assert codes == [200] * 32
         vm = tree_status(server.proc.pid)
-        # KB, all the server's processes: peak resident memory under 1.5 GB (the sum of each
-        # process's own peak, so at least the peak of the whole), and most of it handed back.
-        assert vm["VmHWM"] < 1_500_000, vm
+        # KB, all the server's processes, over what the idle server holds: a CUDA build of torch
+        # holds ~0.8 GB more than the CPU build before any request. The peak (the sum of each
+        # process's own peak, so at least the peak of the whole) grew by 263 MB on the CPU
+        # build and 268 MB on the CUDA one (idle 0.60 and 1.39 GB); before the pixel budget
+        # the same uploads added 1,045 MB (docs/serving.md). Most of it is handed back.
+        assert vm["VmHWM"] < idle + 800_000, (idle, vm)
         assert vm["VmRSS"] < idle + 400_000, (idle, vm)
 
 

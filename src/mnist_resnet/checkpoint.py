@@ -157,6 +157,14 @@ class LoadedModel:
     std: float
     class_names: tuple[str, ...]
 
+    @property
+    def trained_amp(self) -> bool | None:
+        """Whether the run trained, and was judged, in bf16 autocast, as its config records it;
+        None when the file does not say (the precision is then decided afresh)."""
+        saved = self.state["config"].get("train")  # unchecked by load_model: read warily
+        recorded = saved.get("amp") if isinstance(saved, dict) else None
+        return recorded if isinstance(recorded, bool) else None
+
 
 def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
     """Rebuild a checkpoint's model from its saved config, for inference on the CPU.

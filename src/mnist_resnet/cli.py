@@ -118,8 +118,10 @@ DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     (
         "--preprocess",
         "preprocess",
-        "own image files: mnist (crop to the ink, centre it, as predict does) or resize "
-        "(grayscale, whole picture to 28x28); predict and serve then do the same",
+        "own image files: mnist (crop to the ink, centre it, as predict does for digits), "
+        "fashion (product photos, as Fashion-MNIST was made) or resize (grayscale, whole picture "
+        "to 28x28); predict and serve then do the same. Named datasets need none: predict "
+        "prepares pictures as each was made (fashion for fashion-mnist, else mnist)",
     ),
     (
         "--test-fraction",
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         default=None,
         metavar="PATH",
-        help="continue a killed run: its run directory or a checkpoint (no PATH: newest run)",
+        help="continue a killed run: its run directory or a checkpoint (no PATH: newest run); "
+        "its settings and data folder are the run's own, --data-dir says where its files are now",
     )
     train.add_argument(
         "--no-accel", action="store_true", help="use the CPU even when a GPU is available"
@@ -544,8 +547,8 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, D
     data_over = _overrides(args, DataConfig)
     if args.dataset:
         data_over["dataset"] = args.dataset
-    if args.data_dir:
-        data_over["data_dir"] = args.data_dir
+    # Absolute, as for own data: a resume from another folder reads the files the run used.
+    data_over["data_dir"] = str(Path(args.data_dir or default_data_dir()).expanduser().absolute())
     if args.no_augment:
         data_over["augment"] = False
     data_cfg = dataclasses.replace(chosen.data or DataConfig(), **data_over)
@@ -646,7 +649,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_size(model_cfg)
         return _launch_processes(args, train_cfg)
     resume = _resume_path(args.resume, train_cfg.runs_dir) if args.resume else None
-    result = train(model_cfg, train_cfg, data_cfg, preset=args.preset, resume=resume)
+    # A resumed run reads its data where it saved it, unless --data-dir says where it is now.
+    result = train(
+        model_cfg,
+        train_cfg,
+        data_cfg,
+        preset=args.preset,
+        resume=resume,
+        resume_data_dir=data_cfg.data_dir if args.data_dir else None,
+    )
     if not is_main_process():
         return 0
     print(
@@ -856,6 +867,8 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
         print(f"{name}: {pretrained.describe(name) if shipped else 'not shipped in this build'}")
         if shipped and meta:
             print(f"  classes: {printable(', '.join(meta.get('classes', [])))}")
+            inputs = f"({meta.get('preprocess')} preparation): {meta.get('inputs')}"
+            print(f"  inputs {printable(inputs)}")
             made = f"{meta.get('trained')} by: {meta.get('command')}"
             print(f"  trained {printable(made)} (make pretrained)")
             print(f"  {meta.get('bytes', 0):,} bytes, sha256 {pretrained.SHA256[name]}")

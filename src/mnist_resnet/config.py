@@ -21,8 +21,19 @@ DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
 OWN_DATA_KINDS = ("folder", "npz")
 # How an image file becomes a 28x28 input, in training on a folder and in predict/serve:
 # "mnist" is predict's MNIST-style preprocessing (ink polarity, crop, 20 px box, centred by
-# mass); "resize" is grayscale and a plain resize of the whole picture to 28x28.
-PREPROCESS_MODES = ("mnist", "resize")
+# mass); "fashion" is how Fashion-MNIST was made from product photos (background trimmed,
+# longest edge 28 px, sharpened, centred by box, negated); "resize" is grayscale and a plain
+# resize of the whole picture to 28x28. What each expects, for model cards and --help:
+PREPROCESS_INPUTS = {
+    "mnist": "one handwritten or drawn character, any size, colour or polarity; cropped to its "
+    "ink, longer side 20 px, centred by mass in 28x28, white on black",
+    "fashion": "a photo of one product on a plain background, as Fashion-MNIST was made from "
+    "shop photos: background trimmed, longest edge 28 px, sharpened, centred by box, negated",
+    "resize": "a picture already framed as the model should see it: grayscale, resized to 28x28",
+}
+PREPROCESS_MODES = tuple(PREPROCESS_INPUTS)
+# A named dataset's images were made one way; a model trained on it expects pictures made so.
+DATASET_PREPROCESS = {"mnist": "mnist", "fashion-mnist": "fashion", "kmnist": "mnist"}
 
 
 class ConfigError(UserError, ValueError):
@@ -80,6 +91,15 @@ class DataConfig:
     # Without a test/ folder (or x_test in the .npz), this fraction of each class is held out
     # as the test split, chosen by `split_seed`: about MNIST's 10,000 of 70,000.
     test_fraction: float = 0.15
+
+    @property
+    def preparation(self) -> str:
+        """How predict and serve turn a picture into this model's input: own data the way it
+        was trained (`preprocess`), a named dataset the way its images were made (for those,
+        `preprocess` plays no part in training, and older checkpoints saved "mnist" for all)."""
+        if own_data(self.dataset) is not None:
+            return self.preprocess
+        return DATASET_PREPROCESS.get(self.dataset, self.preprocess)
 
     def validate(self) -> None:
         own = own_data(self.dataset)

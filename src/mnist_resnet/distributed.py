@@ -76,8 +76,10 @@ def is_main_process() -> bool:
 
 
 def backend_for(accel: bool) -> str:
-    """NCCL between CUDA devices; gloo on CPUs (and for everything NCCL does not carry)."""
-    return "nccl" if accel and torch.cuda.is_available() else "gloo"
+    """NCCL between CUDA devices; gloo on CPUs (and for everything NCCL does not carry: the
+    small CPU tensors of the stop flag and the summed metrics, which then never wait for the
+    GPU)."""
+    return "cpu:gloo,cuda:nccl" if accel and torch.cuda.is_available() else "gloo"
 
 
 @contextlib.contextmanager
@@ -92,7 +94,7 @@ def process_group(*, accel: bool = True) -> Iterator[DistEnv]:
         yield current()
         return
     backend = backend_for(accel)
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(backend=backend)
     try:
@@ -120,10 +122,31 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where the process group can reduce `tensor`: its own device when the group's backend
+    carries that kind of device (gloo: CPU; `process_group`'s gloo beside NCCL: both), else
+    this rank's GPU (an NCCL-only group that a caller set up)."""
+    carried = {part.split(":")[0].strip() for part in str(dist.get_backend_config()).split(",")}
+    if tensor.device.type in carried:
+        return tensor.device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_reduce(tensor: torch.Tensor, op: Any) -> None:
+    """`dist.all_reduce` of `tensor` in place, on a device the group's backend carries."""
+    device = collective_device(tensor)
+    if device == tensor.device:
+        dist.all_reduce(tensor, op=op)
+        return
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op)
+    tensor.copy_(moved)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over all ranks in place (a no-op for one process) and return it."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _all_reduce(tensor, dist.ReduceOp.SUM)
     return tensor
 
 
@@ -132,7 +155,7 @@ def any_rank(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    _all_reduce(value, dist.ReduceOp.MAX)
     return bool(value.item())
 
 

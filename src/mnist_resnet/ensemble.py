@@ -144,10 +144,12 @@ def _split_probas(
     first = members[0]
     splits = data.load_data(dataclasses.replace(first.data_config, data_dir=str(data_dir)), log=log)
     images, labels = _split_images(first, splits, split)
-    runtime = make_runtime(accel=accel, amp=None, channels_last=True)
     classes = len(first.class_names)
     probas = []
     for path, m in zip(checkpoints, members, strict=True):
+        # Each member in the precision it trained and was judged in, as `evaluate` runs it:
+        # one member alone then scores exactly what `evaluate` reports for it.
+        runtime = make_runtime(accel=accel, amp=m.trained_amp, channels_last=True)
         proba = predict_proba(m, images, runtime, tta=tta, batch_size=batch_size)
         if proba.shape[1] != classes:
             raise CheckpointError(f"{path} predicts {proba.shape[1]} classes, not {classes}")

@@ -159,10 +159,7 @@ def evaluate_checkpoint(
     splits = data.load_data(dataclasses.replace(loaded.data_config, data_dir=str(data_dir)))
     # The precision the run trained and was judged in (its config records the decision), so
     # that this report reproduces the test accuracy `train` printed.
-    saved_train = loaded.state["config"].get("train")  # unchecked by load_model: read warily
-    recorded = saved_train.get("amp") if isinstance(saved_train, dict) else None
-    amp = recorded if isinstance(recorded, bool) else None
-    runtime = make_runtime(accel=accel, amp=amp, channels_last=True)
+    runtime = make_runtime(accel=accel, amp=loaded.trained_amp, channels_last=True)
     model = runtime.prepare_model(loaded.model)
     result = evaluate(
         model,

@@ -22,6 +22,7 @@ import torch
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.config import PREPROCESS_INPUTS
 from mnist_resnet.errors import UserError
 from mnist_resnet.inference import (
     INPUT_NAME,
@@ -85,8 +86,9 @@ def preprocessing_contract(loaded: LoadedModel) -> dict[str, Any]:
         "shape": ["N", 1, 28, 28],
         "dtype": "float32",
         "layout": "NCHW",
-        "ink": "white (255) on black (0), MNIST-style: crop to ink, longer side 20 px, "
-        "centred by centre of mass in 28x28",
+        "ink": "white (255) on black (0)",
+        "preprocess": loaded.data_config.preparation,
+        "inputs": PREPROCESS_INPUTS[loaded.data_config.preparation],
         "scaling": "(x / 255 - mean) / std",
         "mean": loaded.mean,
         "std": loaded.std,

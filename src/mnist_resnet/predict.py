@@ -45,8 +45,9 @@ class Predictor:
         self.runtime = runtime or make_runtime(accel=False, amp=False, channels_last=False)
         self.model = self.runtime.prepare_model(loaded.model)
         self.class_names = loaded.class_names
-        # Image files are prepared the way the training images were (own data may use "resize").
-        self.preprocess = loaded.data_config.preprocess
+        # Image files are prepared the way the training images were (own data may use "resize";
+        # a Fashion-MNIST model expects product photos prepared as that dataset was).
+        self.preprocess = loaded.data_config.preparation
 
     @classmethod
     def from_checkpoint(cls, path: Path | str) -> Predictor:

@@ -57,10 +57,10 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
 
 
 def saved_configs(
-    saved: object, preset: str, data_dir: str, *, source: Path
+    saved: object, preset: str, data_dir: str | None, *, source: Path
 ) -> tuple[str, ModelConfig, TrainConfig, DataConfig]:
-    """The configs a run saved (in `source`: config.json or a checkpoint), with the data folder
-    given now: a resumed run may find its verified files in another place."""
+    """The configs a run saved (in `source`: config.json or a checkpoint), with its own data
+    folder, or `data_dir` when one is given: the verified files may have moved."""
     try:
         if not isinstance(saved, dict):
             raise ConfigError(f"expected a mapping of configs, got {type(saved).__name__}")
@@ -71,7 +71,7 @@ def saved_configs(
             str(saved.get("preset", preset)),
             from_dict(ModelConfig, saved.get("model")),
             from_dict(TrainConfig, saved.get("train")),
-            from_dict(DataConfig, {**data, "data_dir": data_dir}),
+            from_dict(DataConfig, data if data_dir is None else {**data, "data_dir": data_dir}),
         )
     except ConfigError as e:
         raise TrainingError(

@@ -525,7 +525,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         "preset": loaded.preset,
         "dataset": loaded.data_config.dataset,
         "class_names": class_names,
-        "preprocess": loaded.data_config.preprocess,
+        "preprocess": loaded.data_config.preparation,
         # Shipped models carry their metadata (recipe, command, accuracy); None otherwise.
         "pretrained": loaded.state.get("pretrained"),
         "test_accuracy": test.get("accuracy"),
@@ -638,7 +638,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
 
         async def answer() -> PredictResponse:
             async with admission:  # released once the body is down to 28x28 images
-                batch, k = await reader(request, loaded.data_config.preprocess, image_pool)
+                batch, k = await reader(request, loaded.data_config.preparation, image_pool)
             scores = await batcher.submit(batch)
             return _as_response(_top_k(scores, k, class_names))
 

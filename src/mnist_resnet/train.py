@@ -564,14 +564,15 @@ class _Trainer:
         """Save every --checkpoint-steps steps, and on Ctrl-C/SIGTERM save and stop."""
         cfg, p = self.cfg, self.progress
         periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
-        if not (self._stop_requested() or periodic) or p.step >= self.steps_per_epoch:
+        stop = self._stop_requested(p.step)
+        if not (stop or periodic) or p.step >= self.steps_per_epoch:
             return  # the epoch's own checkpoint follows at its end
         self._settle(epoch)  # the saved sums are complete, and no bad step is saved
         p.seconds = seconds
         p.augment_rng = augment_rng.get_state()
         if cfg.save_model:
             self._save(epoch)
-        if self.stop.requested:
+        if stop:
             raise TrainingInterrupted(
                 f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
                 f"Continue with: mnist-resnet train --resume {self.run_dir}"
@@ -597,10 +598,16 @@ class _Trainer:
         """The weights an epoch is judged by: the running average if there is one."""
         return self.eval_forward if self.average is None else self.average.model
 
-    def _stop_requested(self) -> bool:
-        # Ranks must agree: one that stopped alone would leave the others waiting in DDP.
-        if self.dist.enabled:
-            self.stop.requested = distributed.any_rank(self.stop.requested)
+    def _stop_requested(self, step: int | None = None) -> bool:
+        """Whether to stop now: at once in one process; with several, only where all ranks ask
+        (at the end of an epoch, and every --log-interval steps within one, as the losses are
+        read back then anyway): the question is a collective the host waits for, and one that
+        stopped alone would leave the others waiting in DDP."""
+        if not self.dist.enabled:
+            return self.stop.requested
+        if step is not None and step % self.cfg.log_interval:
+            return False
+        self.stop.requested = distributed.any_rank(self.stop.requested)
         return self.stop.requested
 
     def run(self) -> TrainResult:
@@ -634,7 +641,7 @@ class _Trainer:
         epochs_run = self.start_epoch
         for epoch in range(self.start_epoch, epochs):
             epochs_run = epoch + 1
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": self._epoch_lr()}
             row.update(self._train_epoch(epoch))
             # With --ema-decay the averaged weights are validated, selected and tested.
             selectable = self.model if self.average is None else self.average.model
@@ -672,6 +679,13 @@ class _Trainer:
         if writer is not None:
             writer.close()
         return self._finish(epochs_run, time.perf_counter() - start)
+
+    def _epoch_lr(self) -> float:
+        """The learning rate of the epoch's first step, also when a resume starts mid-epoch
+        (the optimizer then holds the rate of the step it resumes at)."""
+        first_step = self.scheduler.last_epoch - self.progress.step
+        factor = self.scheduler.lr_lambdas[0](first_step)
+        return float(self.scheduler.base_lrs[0] * factor)
 
     def _check_finite(self, model: nn.Module, epoch: int) -> None:
         """Stop before a model whose weights went NaN/inf is judged, selected or saved: its
@@ -784,14 +798,25 @@ def train(
     preset: str = "custom",
     log: Log = print,
     resume: Path | None = None,
+    resume_data_dir: str | None = None,
 ) -> TrainResult:
     """Train (or resume) a run and evaluate its selected checkpoint once on the test set.
 
+    A resumed run takes every setting from the run itself, the data folder included; give
+    `resume_data_dir` when its files are now elsewhere (they must hash the same).
     Started by torchrun with several processes, it joins their process group (gloo on CPUs,
     NCCL on CUDA) and trains data-parallel; it leaves the group on success and on error.
     """
     with distributed.process_group(accel=train_cfg.accel):
-        return _train(model_cfg, train_cfg, data_cfg, preset=preset, log=log, resume=resume)
+        return _train(
+            model_cfg,
+            train_cfg,
+            data_cfg,
+            preset=preset,
+            log=log,
+            resume=resume,
+            resume_data_dir=resume_data_dir,
+        )
 
 
 def _train(
@@ -802,13 +827,14 @@ def _train(
     preset: str,
     log: Log,
     resume: Path | None,
+    resume_data_dir: str | None,
 ) -> TrainResult:
     resume_state = None
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
         # Killed before its first checkpoint: nothing to restore, so start that run over.
         preset, model_cfg, train_cfg, data_cfg = saved_configs(
-            read_run_config(resume), preset, data_cfg.data_dir, source=resume / "config.json"
+            read_run_config(resume), preset, resume_data_dir, source=resume / "config.json"
         )
         log(f"{resume} has no checkpoint yet: starting that run from the beginning")
         fresh_dir, resume = resume, None
@@ -818,7 +844,7 @@ def _train(
         # Rank 0 picks and reads the checkpoint; every rank then restores the same state.
         ckpt, resume_state = distributed.main_only(lambda: load_resume(resume))
         preset, model_cfg, train_cfg, data_cfg = saved_configs(
-            resume_state["config"], preset, data_cfg.data_dir, source=ckpt
+            resume_state["config"], preset, resume_data_dir, source=ckpt
         )
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     else:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_resnet.config import (
+    PREPROCESS_INPUTS,
     DataConfig,
     ModelConfig,
     TrainConfig,
@@ -311,8 +312,12 @@ def _measured(
         std=loaded.std,
         runtime=runtime,
     )
+    preparation = loaded.data_config.preparation
     return {
         **meta,
+        # The card says what pictures the model is for: predict and serve prepare them so.
+        "preprocess": preparation,
+        "inputs": PREPROCESS_INPUTS[preparation],
         "test_images": len(splits.test_labels),
         "fp32_cpu_test_accuracy": fp32.accuracy,
         "parameters": sum(
