@@ -207,6 +207,7 @@ def package(
     from mnist_resnet import data
     from mnist_resnet.checkpoint import load_checkpoint, load_model, save_checkpoint
     from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.posthoc import fit, metadata_record
     from mnist_resnet.runtime import make_runtime
 
     recipe = recipe or _known(name)
@@ -277,6 +278,9 @@ def package(
         "file": out.name,
         "bytes": size,
         "sha256": sha,
+        # Temperature and out-of-distribution detector (docs/calibration.md): data beside the
+        # pinned file, used when loading it (checkpoint.posthoc_data).
+        **metadata_record(fit(loaded, splits, log=log)),
     }
     atomic_write_text(out_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
     return Packaged(out, sha, size, record)
