@@ -66,7 +66,7 @@
     const best = answer.predictions[0];
     pad.dataset.verdict = best.verdict;
     const outside = best.verdict === "out_of_distribution";
-    prediction.textContent = outside ? notOne : best.prediction + (best.verdict === "unsure" ? "?" : "");
+    prediction.textContent = outside ? notOne : best.prediction;
     prediction.classList.toggle("doubt", best.verdict !== "sure");
     prediction.classList.toggle("words", outside);
     top.replaceChildren(
