@@ -237,3 +237,23 @@ def test_the_server_and_the_exported_graph_say_not_a_digit(
     # against PyTorch inside export).
     report = export(path, "onnx", out=tmp_path / "m.onnx", data_dir=mnist_root, images=200)
     assert report.differing == 0
+
+
+def test_the_calibrate_command_writes_a_calibrated_copy(
+    small_checkpoint: Path,
+    mnist_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Few outliers: the command's path is under test here, not the detector's quality.
+    monkeypatch.setattr(ood, "fit_outliers", lambda seed=0: ood.synthetic(300, seed))
+    out = tmp_path / "calibrated.pt"
+    argv = ["calibrate", str(small_checkpoint), "--data-dir", str(mnist_root), "--out", str(out)]
+    assert main(argv) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    loaded = load_model(out)
+    assert loaded.calibration.method == "temperature scaling" and loaded.detector is not None
+    assert load_model(small_checkpoint).detector is None  # the original is left as it was
+    assert main(["calibrate", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

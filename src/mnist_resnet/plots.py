@@ -112,30 +112,35 @@ def misclassified_grid(
 def reliability_diagram(
     curves: Sequence[tuple[str, Sequence[tuple[float, float, int]]]], out: Path
 ) -> None:
-    """Accuracy against confidence per bin (`calibration.reliability`), one curve per label;
-    the diagonal is perfect calibration. The right panel zooms into confidences above 0.9,
-    where nearly all MNIST answers lie."""
+    """Accuracy against confidence per bin (`calibration.reliability`), one curve per label, the
+    diagonal being perfect calibration (left); the share of answers in each bin (right, log
+    scale: on MNIST nearly all answers fall in the top bin)."""
     fig = figure((10, 4.5))
-    axes = fig.subplots(1, 2)
-    for ax, low in zip(axes, (0.0, 0.9), strict=True):
-        ax.plot([low, 1], [low, 1], color="grey", linestyle="--", label="perfectly calibrated")
-        for label, table in curves:
-            shown = [(c, a, n) for c, a, n in table if c >= low]
-            if not shown:
-                continue
-            conf, acc, counts = zip(*shown, strict=True)
-            total = sum(n for _, _, n in table)
-            sizes = [20 + 400 * n / total for n in counts]
-            ax.plot(conf, acc, marker=None, label=label)
-            ax.scatter(conf, acc, s=sizes, alpha=0.6)
-        ax.set(
-            xlabel="confidence (top probability)",
-            ylabel="accuracy",
-            xlim=(low, 1.0),
-            ylim=(low, 1.0),
-            title="all answers" if low == 0 else f"answers above {low:.0%}",
-        )
+    ax_acc, ax_share = fig.subplots(1, 2)
+    ax_acc.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for label, table in curves:
+        if not table:
+            continue
+        conf, acc, counts = zip(*table, strict=True)
+        total = sum(counts)
+        ax_acc.plot(conf, acc, marker="o", label=label)
+        ax_share.plot(conf, [n / total for n in counts], marker="o", label=label)
+    ax_acc.set(
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="reliability",
+    )
+    ax_share.set(
+        xlabel="confidence (top probability)",
+        ylabel="share of answers",
+        xlim=(0, 1),
+        yscale="log",
+        title="answers per confidence bin",
+    )
+    for ax in (ax_acc, ax_share):
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="upper left")
+        ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
