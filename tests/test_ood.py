@@ -4,6 +4,7 @@ model's answers for digits, clothes and letters."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +258,29 @@ def test_the_calibrate_command_writes_a_calibrated_copy(
     assert load_model(small_checkpoint).detector is None  # the original is left as it was
     assert main(["calibrate", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_torchscript_export_carries_the_temperature_and_the_detector(
+    calibrated_checkpoint: Path, mnist_root: Path, tmp_path: Path
+) -> None:
+    from mnist_resnet import data
+    from mnist_resnet.export import export
+    from mnist_resnet.inference import to_float
+
+    out = tmp_path / "m.torchscript.pt"
+    report = export(calibrated_checkpoint, "torchscript", out=out, data_dir=mnist_root, images=100)
+    assert report.differing == 0 and report.max_abs_diff <= 1e-4
+    loaded = load_model(calibrated_checkpoint)
+    scored = loaded.scored()
+    images = data.load("mnist", mnist_root, log=lambda _: None).test_images[:16]
+    x = to_float(images.unsqueeze(1), loaded.mean, loaded.std)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated; export still writes it
+        module = torch.jit.load(str(out))
+    with torch.no_grad():
+        logits, probs, score = module(x)
+        torch.testing.assert_close(probs, (logits / loaded.temperature).softmax(1))
+        torch.testing.assert_close(score, scored(x)[2], atol=1e-4, rtol=1e-5)
+        # Running the bare network leaves nothing behind in the wrapper's feature list.
+        loaded.model(x)
+    assert scored._features == []

@@ -183,17 +183,25 @@ class Scored(nn.Module):
         self.temperature = float(temperature)
         self.detector = detector
         self._features: list[Tensor] = []
+        # The hooks stay on `net`, which others may run too (export times the bare network):
+        # they keep features only during this module's own forward.
+        self._active = False
         if detector is not None:
             modules = dict(net.named_modules())
             for name in detector.taps:
                 modules[name].register_forward_hook(self._keep)
 
     def _keep(self, _: nn.Module, __: Any, out: Tensor) -> None:
-        self._features.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1))
+        if self._active:
+            self._features.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._features.clear()
-        logits = self.net(x)
+        self._active = True
+        try:
+            logits = self.net(x)
+        finally:
+            self._active = False
         probabilities = F.softmax(logits / self.temperature, dim=1)
         if self.detector is None:
             score = torch.zeros_like(logits[:, 0])
