@@ -147,7 +147,11 @@ def test_without_a_checkpoint_the_commands_use_the_shipped_model_and_say_so(
     # evaluate writes its figures to the current folder, never into the installed package.
     out = tmp_path / "figures"
     assert main(["evaluate", "--pretrained", "mnist", "--out", str(out)]) == 0
-    assert "test accuracy:" in capsys.readouterr().out and (out / "confusion.png").is_file()
+    report = capsys.readouterr().out
+    assert "test accuracy:" in report and (out / "confusion.png").is_file()
+    # The shipped model's temperature (from its metadata) and the reliability diagram.
+    assert "calibration: temperature scaling" in report and (out / "reliability.png").is_file()
+    assert re.search(r"^  calibrated +\d+\.\d+% ", report, re.MULTILINE)
 
 
 def test_the_pretrained_command_lists_the_shipped_models(

@@ -82,6 +82,7 @@ def test_uploads_and_pixel_arrays_predict_digits(
     top = predictions[0]["top"]
     assert top[0]["class"] == predictions[0]["prediction"]
     assert 0 <= top[2]["probability"] <= top[1]["probability"] <= top[0]["probability"] <= 1
+    assert {p["verdict"] for p in predictions} <= {"sure", "unsure", "out_of_distribution"}
 
     as_json = client.post("/predict", json={"images": images.tolist(), "top_k": 1})
     assert as_json.status_code == 200
@@ -396,11 +397,12 @@ def test_onnx_and_torch_engines_agree(
     assert (onnx_name, torch_name) == ("onnxruntime", "torch")
     images = digits[0]
     a, b = onnx(images), torch_(images)
-    assert a.shape == b.shape == (len(images), 10) and a.dtype == np.float32
+    # Ten class probabilities, then the out-of-distribution score (inference.Scorer).
+    assert a.shape == b.shape == (len(images), 11) and a.dtype == np.float32
     # fp32 runtimes differ in summation order only (docs/serving.md): far below a flip.
     np.testing.assert_allclose(a, b, atol=1e-4)
-    assert (a.argmax(1) == b.argmax(1)).all()
-    np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-5)
+    assert (a[:, :10].argmax(1) == b[:, :10].argmax(1)).all()
+    np.testing.assert_allclose(a[:, :10].sum(1), 1.0, atol=1e-5)
 
 
 def test_metrics_count_requests_by_code_and_batch_sizes(client: TestClient) -> None:

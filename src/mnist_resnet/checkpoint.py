@@ -14,17 +14,19 @@ import pickle
 import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from mnist_resnet.calibration import Calibration, CalibrationError
 from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, from_dict
 from mnist_resnet.errors import UserError
-from mnist_resnet.files import atomic_write
+from mnist_resnet.files import atomic_write, hash_file
 from mnist_resnet.model import build_model, check_size, fold_batchnorm
+from mnist_resnet.ood import Detector, DetectorError, Scored
 
 FORMAT = "mnist-resnet"
 FORMAT_VERSION = 1
@@ -66,6 +68,15 @@ def config_digest(state: dict[str, Any]) -> str:
     """SHA-256 over what rebuilds and feeds the model besides its weights: the configs, the
     normalisation and the class names, so an edited config is caught like edited weights."""
     covered = {key: state.get(key) for key in ("config", "normalization", "class_names")}
+    # Post-hoc data (calibrate) is covered when present, so files written before it existed
+    # keep their digests.
+    if "calibration" in state:
+        covered["calibration"] = state["calibration"]
+    if isinstance(state.get("ood"), dict):
+        ood = dict(state["ood"])
+        tensors = ood.pop("tensors", {})
+        ood["tensors_sha256"] = weights_digest(tensors) if isinstance(tensors, dict) else None
+        covered["ood"] = ood
     text = json.dumps(covered, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -156,6 +167,18 @@ class LoadedModel:
     mean: float
     std: float
     class_names: tuple[str, ...]
+    # How logits become probabilities, and the out-of-distribution detector: fitted after
+    # training by `mnist-resnet calibrate` (docs/calibration.md); none for older files.
+    calibration: Calibration = field(default_factory=Calibration)
+    detector: Detector | None = None
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature
+
+    def scored(self) -> Scored:
+        """The network with its calibration and detector (for serving and export)."""
+        return Scored(self.model, self.temperature, self.detector)
 
     @property
     def trained_amp(self) -> bool | None:
@@ -185,6 +208,9 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
         fold_batchnorm(model)
     else:
         model.eval()
+    calibration, detector = posthoc_data(path, state)
+    if detector is not None and not set(detector.taps) <= {n for n, _ in model.named_modules()}:
+        raise CheckpointError(f"{path}: its detector reads layers this model does not have")
     return LoadedModel(
         model=model,
         state=state,
@@ -194,7 +220,33 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
         mean=mean,
         std=std,
         class_names=class_names,
+        calibration=calibration,
+        detector=detector,
     )
+
+
+def posthoc_data(path: Path | str, state: dict[str, Any]) -> tuple[Calibration, Detector | None]:
+    """The calibration and detector of a checkpoint: its own, or for a shipped model those in
+    the metadata JSON beside it, when that JSON names this very file by its SHA-256."""
+    source: dict[str, Any] = state
+    where = str(path)
+    if "calibration" not in state and isinstance(state.get("pretrained"), dict):
+        beside = Path(path).with_suffix(".json")
+        try:
+            meta = json.loads(beside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and meta.get("sha256") == hash_file(Path(path)):
+            source, where = meta, str(beside)
+    if "calibration" not in source:
+        return Calibration(), None
+    try:
+        calibration = Calibration.from_dict(source["calibration"])
+        raw = source.get("ood")
+        detector = None if raw is None else Detector.from_dict(raw)
+    except (CalibrationError, DetectorError) as e:
+        raise CheckpointError(f"{where}: its calibration data is damaged ({e})") from e
+    return calibration, detector
 
 
 def _validated(

@@ -259,6 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-batch-size", type=int, default=TrainConfig().test_batch_size)
     ev.add_argument("--no-accel", action="store_true", help="use the CPU even with a GPU")
 
+    cal = sub.add_parser(
+        "calibrate",
+        help="fit a trained model's temperature and out-of-distribution detector on its "
+        "validation and training images, and store them with it",
+    )
+    _add_model_choice(cal)
+    cal.add_argument(
+        "--data-dir", default=None, help="data root (default: $MNIST_RESNET_DATA or ./data)"
+    )
+    cal.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the calibrated checkpoint here (default: the checkpoint itself, rewritten "
+        "atomically; a shipped model's go into its NAME.json)",
+    )
+
     en = sub.add_parser(
         "ensemble", help="average the softmax outputs of several checkpoints (and test-time shifts)"
     )
@@ -693,6 +710,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mnist_resnet.posthoc import calibrate_checkpoint, calibrate_shipped
+
+    model = _model_file(args.checkpoint, args.pretrained)
+    if not model.path.is_file():
+        raise ConfigError(f"checkpoint not found: {model.path}")
+    data_dir = Path(args.data_dir or default_data_dir())
+    if model.pretrained is not None and args.out is None:
+        calibrate_shipped(model.path, data_dir=data_dir)
+        print(f"wrote the calibration into {model.path.with_suffix('.json')}")
+        return 0
+    if args.out is not None:
+        _writable_file(args.out, "--out")
+    calibrate_checkpoint(model.path, data_dir=data_dir, out=args.out)
+    print(f"wrote {args.out or model.path}")
+    return 0
+
+
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from mnist_resnet.ensemble import ensemble, select_members, write_json
 
@@ -922,11 +957,12 @@ COMMANDS = {
     "serve": cmd_serve,
     "experiment": cmd_experiment,
     "ensemble": cmd_ensemble,
+    "calibrate": cmd_calibrate,
     "pretrained": cmd_pretrained,
 }
 
 
-BATCH_LOOP_COMMANDS = ("train", "evaluate", "ensemble", "experiment")
+BATCH_LOOP_COMMANDS = ("train", "evaluate", "ensemble", "experiment", "calibrate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

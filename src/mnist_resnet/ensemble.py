@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_resnet import data
+from mnist_resnet.calibration import calibrated
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.config import ConfigError, TrainConfig
 from mnist_resnet.inference import predict_logits
@@ -49,7 +50,7 @@ def predict_proba(
     tta: bool = False,
     batch_size: int = TrainConfig.test_batch_size,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, classes) of one model, averaged over the TTA views if asked."""
+    """Calibrated probabilities (N, classes) of one model, averaged over the TTA views if asked."""
     model = runtime.prepare_model(member.model)
     views = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
     total = torch.zeros(())
@@ -62,7 +63,8 @@ def predict_proba(
             runtime=runtime,
             batch_size=batch_size,
         )
-        total = total + logits.softmax(dim=1)
+        # Each member's own calibration (docs/calibration.md): 1 for a file without one.
+        total = total + calibrated(logits, member.temperature)
     return total / len(views)
 
 

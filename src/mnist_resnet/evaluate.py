@@ -147,11 +147,12 @@ def evaluate_checkpoint(
     batch_size: int = TrainConfig.test_batch_size,
     accel: bool = True,
 ) -> str:
-    """Test-set report of a checkpoint, with confusion.png and misclassified.png beside it.
+    """Test-set report of a checkpoint, with confusion.png, misclassified.png and
+    reliability.png beside it; calibration measured before and after its temperature.
 
     Returns the text report; its last line is `test accuracy: NN.NN%`.
     """
-    from mnist_resnet import data, plots
+    from mnist_resnet import calibration, data, plots
     from mnist_resnet.checkpoint import load_model
     from mnist_resnet.runtime import make_runtime
 
@@ -174,6 +175,22 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     names = loaded.class_names
     plots.confusion_matrix(result.confusion, names, out / "confusion.png")
+    labels = splits.test_labels.cpu().long()
+    # The probabilities a user sees are softmax(logits / T); T = 1 is the raw softmax.
+    logits = result.probabilities.clamp_min(1e-30).log().double()
+    temperature = loaded.temperature
+    before = calibration.Measures.of(result.probabilities, labels)
+    after = calibration.Measures.of(calibration.calibrated(logits, temperature), labels)
+    plots.reliability_diagram(
+        [
+            ("softmax (T = 1)", calibration.reliability(result.probabilities, labels)),
+            (
+                f"calibrated (T = {temperature:.3f})",
+                calibration.reliability(calibration.calibrated(logits, temperature), labels),
+            ),
+        ],
+        out / "reliability.png",
+    )
     shown = plots.misclassified_grid(
         splits.test_images, splits.test_labels, result.predictions, names, out / "misclassified.png"
     )
@@ -184,7 +201,19 @@ def evaluate_checkpoint(
             f"({result.count} images, {runtime.describe()})",
             format_report(result, names),
             f"figures: {out / 'confusion.png'}, {out / 'misclassified.png'} "
-            f"({shown} of {wrong} misclassified shown)",
+            f"({shown} of {wrong} misclassified shown), {out / 'reliability.png'}",
+            f"calibration: {loaded.calibration.method}, T = {temperature:.4f}"
+            + (
+                f", fitted on the {loaded.calibration.fitted_on}"
+                if loaded.calibration.fitted_on
+                else ""
+            )
+            + ("" if loaded.calibration.method != "none" else " (run `mnist-resnet calibrate`)"),
+            f"  {'':10} {'ECE':>7} {'NLL':>7} {'Brier':>7}",
+            *(
+                f"  {name:10} {m.ece:7.2%} {m.nll:7.4f} {m.brier:7.4f}"
+                for name, m in (("softmax", before), ("calibrated", after))
+            ),
             f"test loss: {result.loss:.4f}",
             f"test accuracy: {result.accuracy:.2%}",
         ]

@@ -1,8 +1,10 @@
 """ONNX / TorchScript export of a checkpoint, checked against PyTorch on real test images.
 
 The exported graph takes what the PyTorch model takes: float32 (N, 1, 28, 28), white ink on
-black, scaled (x / 255 - mean) / std. That contract travels inside the ONNX file as JSON in the
-`preprocessing` metadata entry, so a consumer needs nothing but the file.
+black, scaled (x / 255 - mean) / std. It returns the logits, the calibrated probabilities
+(softmax of the logits over the checkpoint's temperature) and the out-of-distribution score
+(`ood.Scored`). That contract, with the score's cut-off, travels inside the ONNX file as JSON in
+the `preprocessing` metadata entry, so a consumer needs nothing but the file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from mnist_resnet.errors import UserError
 from mnist_resnet.inference import (
     INPUT_NAME,
     OUTPUT_NAME,
+    SCORED_OUTPUTS,
     predict_logits,
+    predict_scored,
     to_float,
     write_onnx_graph,
 )
@@ -93,6 +97,11 @@ def preprocessing_contract(loaded: LoadedModel) -> dict[str, Any]:
         "mean": loaded.mean,
         "std": loaded.std,
         "output_kind": "logits (apply softmax for probabilities)",
+        "outputs": list(SCORED_OUTPUTS),
+        "probabilities": "softmax(logits / temperature): calibrated (docs/calibration.md)",
+        "temperature": loaded.temperature,
+        "ood_score": "higher: less like the training images; above ood_threshold: not a class",
+        "ood_threshold": None if loaded.detector is None else loaded.detector.threshold,
         "class_names": list(loaded.class_names),
         "dataset": loaded.data_config.dataset,
         "preset": loaded.preset,
@@ -114,7 +123,7 @@ def _onnx_modules() -> tuple[Any, Any]:
 
 def export_onnx(loaded: LoadedModel, path: Path) -> None:
     onnx, _ = _onnx_modules()
-    write_onnx_graph(loaded.model, path)
+    write_onnx_graph(loaded.scored(), path, SCORED_OUTPUTS)
     proto = onnx.load(str(path))
     metadata = {
         "preprocessing": json.dumps(preprocessing_contract(loaded)),
@@ -134,7 +143,7 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(  # type: ignore[no-untyped-call]
-            loaded.model, torch.zeros(2, 1, 28, 28)
+            loaded.scored(), torch.zeros(2, 1, 28, 28)
         )
         extra = {"preprocessing.json": json.dumps(preprocessing_contract(loaded))}
         torch.jit.save(traced, str(path), _extra_files=extra)
@@ -148,10 +157,14 @@ def onnx_session(path: Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _runner(fmt: str, path: Path) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+def _runner(
+    fmt: str, path: Path, output: int = 0
+) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+    """The exported file as a function: float32 batch → its `output`-th output (0: logits)."""
     if fmt == "onnx":
         session = onnx_session(path)
-        return lambda x: np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+        name = SCORED_OUTPUTS[output]
+        return lambda x: np.asarray(session.run([name], {INPUT_NAME: x})[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
@@ -159,8 +172,8 @@ def _runner(fmt: str, path: Path) -> Callable[[np.ndarray[Any, Any]], np.ndarray
 
     def run(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         with torch.no_grad():
-            out: torch.Tensor = module(torch.from_numpy(x))
-        return out.numpy()
+            out: tuple[torch.Tensor, ...] = module(torch.from_numpy(x))
+        return out[output].numpy()
 
     return run
 
@@ -241,6 +254,15 @@ def export(
     exported = run(batch)
     max_diff = float(np.abs(exported - reference).max())
     differing = int((exported.argmax(1) != reference.argmax(1)).sum())
+    # The calibrated probabilities and the score, against PyTorch's.
+    probs, scores = predict_scored(
+        loaded.scored(), test_u8, mean=loaded.mean, std=loaded.std, runtime=runtime
+    )
+    max_diff = max(
+        max_diff,
+        float(np.abs(_runner(fmt, path, 1)(batch) - probs.numpy()).max()),
+        float(np.abs(_runner(fmt, path, 2)(batch) - scores.numpy()).max()),
+    )
 
     def eager(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         with torch.no_grad():

@@ -19,6 +19,9 @@ from mnist_resnet.runtime import Runtime, make_runtime
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+# The outputs of a calibrated graph (`ood.Scored`): logits, softmax(logits / T) and the
+# out-of-distribution score (flagged above the threshold in the file's metadata).
+SCORED_OUTPUTS = (OUTPUT_NAME, "probabilities", "ood_score")
 
 
 def to_float(images_u8: Tensor, mean: float, std: float) -> Tensor:
@@ -54,8 +57,11 @@ def predict_logits(
     return torch.cat(outputs).cpu()
 
 
-def write_onnx_graph(model: torch.nn.Module, path: Path) -> None:
-    """The network alone as ONNX (input `image` (N,1,28,28) float32, output `logits`)."""
+def write_onnx_graph(
+    model: torch.nn.Module, path: Path, outputs: tuple[str, ...] = (OUTPUT_NAME,)
+) -> None:
+    """The network as ONNX (input `image` (N,1,28,28) float32, output `logits`; a `Scored`
+    network with `outputs=SCORED_OUTPUTS` also gives calibrated probabilities and its score)."""
     example = torch.zeros(2, 1, 28, 28)
     # The TorchScript-based exporter: the torch.export-based one needs onnxscript and takes
     # seconds longer for the same graph; this one is fully offline and exact for a CNN.
@@ -66,37 +72,60 @@ def write_onnx_graph(model: torch.nn.Module, path: Path) -> None:
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
             opset_version=OPSET,
             dynamo=False,
         )
 
 
+# (N, 28, 28) uint8 images → (N, classes + 1): the calibrated class probabilities, then the
+# out-of-distribution score in the last column.
 Scorer = Callable[[NDArray[np.uint8]], NDArray[np.float32]]
 
 
-def _softmax(logits: NDArray[np.float32]) -> NDArray[np.float32]:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    out: NDArray[np.float32] = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
-    return out
+@torch.inference_mode()
+def predict_scored(
+    scored: nn.Module,
+    images_u8: Tensor,
+    *,
+    mean: float,
+    std: float,
+    runtime: Runtime,
+    batch_size: int = TrainConfig.test_batch_size,
+) -> tuple[Tensor, Tensor]:
+    """(calibrated probabilities (N, C), out-of-distribution scores (N,)) of a `Scored`
+    network, normalised and batched as `predict_logits` does it."""
+    scored.eval()
+    if images_u8.ndim == 3:
+        images_u8 = images_u8.unsqueeze(1)
+    probs, scores = [], []
+    for start in range(0, len(images_u8), batch_size):
+        x = runtime.prepare_input(to_float(images_u8[start : start + batch_size], mean, std))
+        with runtime.autocast():
+            _, p, s = scored(x)
+        probs.append(p.float().cpu())
+        scores.append(s.float().cpu())
+    if not probs:
+        return torch.empty(0, 0), torch.empty(0)
+    return torch.cat(probs), torch.cat(scores)
 
 
-def torch_scorer(model: nn.Module, *, mean: float, std: float) -> Scorer:
-    """Class probabilities of (N, 28, 28) uint8 images by the PyTorch model, fp32 on the CPU."""
+def torch_scorer(scored: nn.Module, *, mean: float, std: float) -> Scorer:
+    """Probabilities and score (see `Scorer`) of a `Scored` network, fp32 on the CPU."""
     runtime = make_runtime(accel=False, amp=False, channels_last=False)
 
     def score(images: NDArray[np.uint8]) -> NDArray[np.float32]:
         batch = torch.from_numpy(np.ascontiguousarray(images))
-        logits = predict_logits(
-            model, batch, mean=mean, std=std, runtime=runtime, batch_size=max(1, len(batch))
+        probs, scores = predict_scored(
+            scored, batch, mean=mean, std=std, runtime=runtime, batch_size=max(1, len(batch))
         )
-        return _softmax(logits.numpy())
+        return torch.cat([probs, scores.unsqueeze(1)], dim=1).numpy()
 
     return score
 
 
-def onnx_scorer(model: nn.Module, *, mean: float, std: float, threads: int = 1) -> Scorer:
+def onnx_scorer(scored: nn.Module, *, mean: float, std: float, threads: int = 1) -> Scorer:
     """The same through ONNX Runtime (ImportError when it is not installed): the model is
     exported to a temporary file and loaded once; small batches run several times faster than
     in eager PyTorch (docs/serving.md)."""
@@ -106,7 +135,7 @@ def onnx_scorer(model: nn.Module, *, mean: float, std: float, threads: int = 1) 
 
     with tempfile.TemporaryDirectory(prefix="mnist-resnet-") as folder:
         path = Path(folder) / "model.onnx"
-        write_onnx_graph(model, path)
+        write_onnx_graph(scored, path, SCORED_OUTPUTS)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
@@ -117,6 +146,7 @@ def onnx_scorer(model: nn.Module, *, mean: float, std: float, threads: int = 1) 
 
     def score(images: NDArray[np.uint8]) -> NDArray[np.float32]:
         x = images.reshape(len(images), 1, *images.shape[-2:]).astype(np.float32) * scale - shift
-        return _softmax(np.asarray(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]))
+        probs, scores = session.run(list(SCORED_OUTPUTS[1:]), {INPUT_NAME: x})
+        return np.concatenate([probs, scores[:, None]], axis=1).astype(np.float32)
 
     return score

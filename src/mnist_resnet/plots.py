@@ -107,3 +107,40 @@ def misclassified_grid(
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     return count
+
+
+def reliability_diagram(
+    curves: Sequence[tuple[str, Sequence[tuple[float, float, int]]]], out: Path
+) -> None:
+    """Accuracy against confidence per bin (`calibration.reliability`), one curve per label, the
+    diagonal being perfect calibration (left); the share of answers in each bin (right, log
+    scale: on MNIST nearly all answers fall in the top bin)."""
+    fig = figure((10, 4.5))
+    ax_acc, ax_share = fig.subplots(1, 2)
+    ax_acc.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    for label, table in curves:
+        if not table:
+            continue
+        conf, acc, counts = zip(*table, strict=True)
+        total = sum(counts)
+        ax_acc.plot(conf, acc, marker="o", label=label)
+        ax_share.plot(conf, [n / total for n in counts], marker="o", label=label)
+    ax_acc.set(
+        xlabel="confidence (top probability)",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title="reliability",
+    )
+    ax_share.set(
+        xlabel="confidence (top probability)",
+        ylabel="share of answers",
+        xlim=(0, 1),
+        yscale="log",
+        title="answers per confidence bin",
+    )
+    for ax in (ax_acc, ax_share):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)

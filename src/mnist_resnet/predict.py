@@ -23,7 +23,8 @@ from mnist_resnet.images import (
     load_image,
     prepare_image,
 )
-from mnist_resnet.inference import predict_logits
+from mnist_resnet.inference import predict_scored
+from mnist_resnet.ood import verdict
 from mnist_resnet.runtime import Runtime, make_runtime
 
 # ----------------------------------------------------------------------------- the model
@@ -36,14 +37,25 @@ class Ranked:
     probability: float
 
 
+@dataclass(frozen=True)
+class Answer:
+    """The top-k classes of one image, and whether to trust them (`ood.verdict`)."""
+
+    top: list[Ranked]
+    verdict: str
+    ood_score: float
+
+
 class Predictor:
-    """A checkpoint loaded once, in fp32 on the CPU, answering batches of 28x28 uint8 images."""
+    """A checkpoint loaded once, in fp32 on the CPU, answering batches of 28x28 uint8 images
+    with calibrated probabilities (docs/calibration.md)."""
 
     def __init__(self, loaded: LoadedModel, runtime: Runtime | None = None) -> None:
         self.loaded = loaded
         # fp32 so answers match the exported model and repeat exactly; single images are tiny.
         self.runtime = runtime or make_runtime(accel=False, amp=False, channels_last=False)
         self.model = self.runtime.prepare_model(loaded.model)
+        self.scored = loaded.scored()
         self.class_names = loaded.class_names
         # Image files are prepared the way the training images were (own data may use "resize";
         # a Fashion-MNIST model expects product photos prepared as that dataset was).
@@ -53,31 +65,46 @@ class Predictor:
     def from_checkpoint(cls, path: Path | str) -> Predictor:
         return cls(load_model(path))
 
-    def probabilities(self, images_u8: NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
+    def scores(
+        self, images_u8: NDArray[np.uint8] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities (N, C), out-of-distribution scores (N,))."""
         images = torch.as_tensor(np.asarray(images_u8, dtype=np.uint8))
         if images.ndim == 2:
             images = images.unsqueeze(0)
-        logits = predict_logits(
-            self.model,
+        return predict_scored(
+            self.scored,
             images,
             mean=self.loaded.mean,
             std=self.loaded.std,
             runtime=self.runtime,
             batch_size=256,
         )
-        return logits.softmax(dim=1)
 
-    def top_k(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[list[Ranked]]:
-        probs = self.probabilities(images_u8)
+    def probabilities(self, images_u8: NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
+        return self.scores(images_u8)[0]
+
+    def answers(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[Answer]:
+        probs, ood_scores = self.scores(images_u8)
         k = max(1, min(k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
+        threshold = self.scored.threshold
         return [
-            [
-                Ranked(self.class_names[int(i)], int(i), float(p))
-                for p, i in zip(row_p, row_i, strict=True)
-            ]
-            for row_p, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+            Answer(
+                [
+                    Ranked(self.class_names[int(i)], int(i), float(p))
+                    for p, i in zip(row_p, row_i, strict=True)
+                ],
+                verdict(row_p[0], score, threshold),
+                score,
+            )
+            for row_p, row_i, score in zip(
+                values.tolist(), indices.tolist(), ood_scores.tolist(), strict=True
+            )
         ]
+
+    def top_k(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[list[Ranked]]:
+        return [answer.top for answer in self.answers(images_u8, k)]
 
 
 # ----------------------------------------------------------------------------- files
@@ -90,6 +117,8 @@ class FileResult:
     error: str | None = None
     unreadable: bool = False
     preprocessed: str | None = None
+    verdict: str | None = None
+    ood_score: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.source}
@@ -98,6 +127,10 @@ class FileResult:
             out["unreadable"] = self.unreadable
         else:
             out["prediction"] = self.top[0].label
+            # "sure", "unsure" (calibrated top probability below ood.UNSURE_BELOW) or
+            # "out_of_distribution" (unlike the training images: not a digit)
+            out["verdict"] = self.verdict
+            out["ood_score"] = None if self.ood_score is None else round(self.ood_score, 4)
             out["top"] = [
                 {"class": r.label, "index": r.index, "probability": round(r.probability, 6)}
                 for r in self.top
@@ -158,10 +191,21 @@ def predict_files(
             result.preprocessed = str(out)
         ready.append((result, pixels))
     if ready:
-        ranked = predictor.top_k(np.stack([p for _, p in ready]), k)
-        for (result, _), top in zip(ready, ranked, strict=True):
-            result.top = top
+        answers = predictor.answers(np.stack([p for _, p in ready]), k)
+        for (result, _), answer in zip(ready, answers, strict=True):
+            result.top, result.verdict, result.ood_score = (
+                answer.top,
+                answer.verdict,
+                answer.ood_score,
+            )
     return results
+
+
+SAID = {
+    "sure": "",
+    "unsure": "  [not sure]",
+    "out_of_distribution": "  [not like the training images: probably not one of the classes]",
+}
 
 
 def format_results(results: Sequence[FileResult], *, as_json: bool = False) -> str:
@@ -175,7 +219,9 @@ def format_results(results: Sequence[FileResult], *, as_json: bool = False) -> s
             lines.append(printable(f"{r.source}: error: {r.error}"))
             continue
         ranked = ", ".join(f"{x.label} {x.probability:.1%}" for x in r.top)
-        lines.append(printable(f"{r.source}: {r.top[0].label}  ({ranked})"))
+        lines.append(
+            printable(f"{r.source}: {r.top[0].label}  ({ranked}){SAID.get(r.verdict or '', '')}")
+        )
     ok = sum(r.error is None for r in results)
     lines.append(f"predicted {ok} of {len(results)} inputs")
     return "\n".join(lines)

@@ -70,6 +70,7 @@ from mnist_resnet.images import (
     preprocess_pixels,
 )
 from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
+from mnist_resnet.ood import VERDICTS, verdict
 from mnist_resnet.predict import Ranked
 from mnist_resnet.runtime import available_cpus, return_freed_memory, trim_freed_memory
 
@@ -140,6 +141,12 @@ class Candidate(BaseModel):
 class ImagePrediction(BaseModel):
     prediction: str
     top: list[Candidate]
+    verdict: str = Field(
+        ...,
+        description=f"one of {', '.join(VERDICTS)}: out_of_distribution when the image is unlike "
+        "the training images (not a digit), unsure when the calibrated top probability is low",
+    )
+    ood_score: float = Field(..., description="higher: less like the training images")
 
 
 class PredictResponse(BaseModel):
@@ -281,11 +288,15 @@ def _top_k(scores: np.ndarray[Any, Any], k: int, names: Sequence[str]) -> list[l
     ]
 
 
-def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
+def _as_response(
+    ranked: list[list[Ranked]], ood_scores: Sequence[float], threshold: float
+) -> PredictResponse:
     return PredictResponse(
         predictions=[
             ImagePrediction(
                 prediction=top[0].label,
+                verdict=verdict(top[0].probability, float(score), threshold),
+                ood_score=round(float(score), 4),
                 top=[
                     Candidate.model_validate(
                         {"class": r.label, "index": r.index, "probability": r.probability}
@@ -293,7 +304,7 @@ def _as_response(ranked: list[list[Ranked]]) -> PredictResponse:
                     for r in top
                 ],
             )
-            for top in ranked
+            for top, score in zip(ranked, ood_scores, strict=True)
         ]
     )
 
@@ -482,12 +493,12 @@ def make_scorer(loaded: LoadedModel, config: ServeConfig) -> tuple[str, Scorer]:
     if config.engine in ("auto", "onnx"):
         try:
             return "onnxruntime", onnx_scorer(
-                loaded.model, mean=loaded.mean, std=loaded.std, threads=config.threads
+                loaded.scored(), mean=loaded.mean, std=loaded.std, threads=config.threads
             )
         except ImportError:
             if config.engine == "onnx":
                 raise
-    return "torch", torch_scorer(loaded.model, mean=loaded.mean, std=loaded.std)
+    return "torch", torch_scorer(loaded.scored(), mean=loaded.mean, std=loaded.std)
 
 
 def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
@@ -519,6 +530,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
     admission = asyncio.Semaphore(config.max_concurrency)
     budget = BodyBudget(config.max_concurrency * MAX_BODY_BYTES)
     class_names = list(loaded.class_names)
+    threshold = loaded.detector.threshold if loaded.detector is not None else float("inf")
     test = loaded.state.get("test") or {}
     sha256 = hash_file(checkpoint)
     model_info = {
@@ -539,6 +551,9 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         },
         "data_hashes": loaded.state.get("data_hashes", {}),
         "normalization": {"mean": loaded.mean, "std": loaded.std},
+        "calibration": loaded.calibration.as_dict(),
+        # null: no detector fitted (`mnist-resnet calibrate` fits one), nothing is flagged
+        "ood_threshold": None if loaded.detector is None else threshold,
         "engine": engine,
         "batching": {"max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms},
         "max_body_bytes": MAX_BODY_BYTES,
@@ -640,7 +655,9 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
             async with admission:  # released once the body is down to 28x28 images
                 batch, k = await reader(request, loaded.data_config.preparation, image_pool)
             scores = await batcher.submit(batch)
-            return _as_response(_top_k(scores, k, class_names))
+            # The scorer's last column is the out-of-distribution score (inference.Scorer).
+            ranked = _top_k(scores[:, :-1], k, class_names)
+            return _as_response(ranked, scores[:, -1].tolist(), threshold)
 
         response.headers["X-Model-SHA256"] = sha256
         # The whole body first, before admission: a slow upload then holds no admission slot

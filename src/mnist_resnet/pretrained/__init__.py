@@ -296,6 +296,7 @@ def _measured(
     from mnist_resnet import data
     from mnist_resnet.checkpoint import load_model
     from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.posthoc import fit, metadata_record
     from mnist_resnet.runtime import make_runtime
 
     loaded = load_model(path)
@@ -325,4 +326,7 @@ def _measured(
             for key, t in loaded.state["model"].items()
             if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
         ),
+        # Temperature and out-of-distribution detector (docs/calibration.md): data beside the
+        # pinned file, used when loading it (checkpoint.posthoc_data).
+        **metadata_record(fit(loaded, splits, log=log)),
     }

@@ -1,5 +1,6 @@
 // Draw on the canvas (pointer events: mouse, pen and touch), send it as a PNG to POST /predict
-// while drawing (one request in flight at a time), show the top-3 classes with bars.
+// while drawing (one request in flight at a time), show the top-3 classes with bars, and say
+// "not a digit" or "not sure" when the server's verdict says so (docs/calibration.md).
 "use strict";
 (function () {
   const pad = document.getElementById("pad");
@@ -15,6 +16,7 @@
   let inFlight = false;
   let dirty = false;
   let generation = 0; // bumped by Clear, so late answers for an old drawing are ignored
+  let notOne = "not a digit"; // what an out-of-distribution answer reads; set from /model
 
   // "busy" while an answer for the drawing is pending, "idle" once the page shows the answer
   // for the very pixels on the canvas: tests (and scripts) wait on it instead of sleeping.
@@ -34,6 +36,8 @@
     dirty = false;
     generation += 1;
     prediction.textContent = "–";
+    prediction.classList.remove("doubt", "words");
+    delete pad.dataset.verdict;
     top.replaceChildren();
     status.textContent = "waiting for a stroke";
     setState();
@@ -62,7 +66,11 @@
 
   function show(answer) {
     const best = answer.predictions[0];
-    prediction.textContent = best.prediction;
+    pad.dataset.verdict = best.verdict;
+    const outside = best.verdict === "out_of_distribution";
+    prediction.textContent = outside ? notOne : best.prediction;
+    prediction.classList.toggle("doubt", best.verdict !== "sure");
+    prediction.classList.toggle("words", outside);
     top.replaceChildren(
       ...best.top.map((c) => {
         const row = document.createElement("li");
@@ -102,7 +110,13 @@
           if (asked !== generation) return;
           if (ok) {
             show(body);
-            status.textContent = "";
+            const verdict = body.predictions[0].verdict;
+            status.textContent =
+              verdict === "out_of_distribution"
+                ? "this does not look like anything the model was trained on"
+                : verdict === "unsure"
+                  ? "not sure: the model could well be wrong here"
+                  : "";
           } else {
             status.textContent = body.detail || "the server refused the drawing";
           }
@@ -164,6 +178,7 @@
         const title = `Draw one of: ${names}${more}`;
         document.querySelector("h1").textContent = title;
         document.title = `mnist-resnet: ${title}`;
+        notOne = "none of these";
       }
     })
     .catch(() => {});
