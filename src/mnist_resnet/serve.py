@@ -797,15 +797,17 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _exit_with(supervisor: int) -> None:
-    """Have the kernel send this worker SIGTERM (a graceful stop) when its supervisor dies,
-    even by SIGKILL: orphaned workers would otherwise keep the port (Linux only)."""
+    """Have the kernel kill this worker when its supervisor dies, even by SIGKILL: orphaned
+    workers would otherwise keep the port (Linux only). SIGKILL, not SIGTERM: a worker still
+    starting may not act on SIGTERM (docs/reliability.md), and a supervisor killed outright
+    loses in-flight requests anyway."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux
         return
-    prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != supervisor:  # it died before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _forget_dead_workers() -> None:
