@@ -40,7 +40,7 @@ from mnist_resnet.export import INPUT_NAME, onnx_session, write_onnx_graph
 from mnist_resnet.model import build_model, flops_per_image, folded_copy
 from mnist_resnet.optim import make_optimizer
 from mnist_resnet.runtime import Runtime, available_cpus, retain_freed_memory
-from mnist_resnet.train import train_step
+from mnist_resnet.step import train_step
 
 HERE = Path(__file__).resolve().parent
 THRESHOLDS = (0.990, 0.993, 0.995)

@@ -24,8 +24,10 @@ from torch import nn
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
-from mnist_resnet.inference import predict_logits, to_float
-from mnist_resnet.runtime import Runtime, configure_threads, make_runtime
+from mnist_resnet.images import to_float
+from mnist_resnet.inference import predict_logits
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import Runtime, configure_threads
 
 VARIANTS = ("saved", "recalibrated on plain images", "recalibrated on augmented batches")
 

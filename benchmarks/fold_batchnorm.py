@@ -23,7 +23,8 @@ from mnist_resnet import data
 from mnist_resnet.checkpoint import load_model
 from mnist_resnet.inference import predict_logits
 from mnist_resnet.model import folded_copy
-from mnist_resnet.runtime import configure_threads, make_runtime
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import configure_threads
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,11 +42,11 @@ import torch  # noqa: E402
 
 from mnist_resnet import data  # noqa: E402
 from mnist_resnet.config import DataConfig, ModelConfig, TrainConfig, preset  # noqa: E402
-from mnist_resnet.inference import to_float  # noqa: E402
+from mnist_resnet.images import to_float  # noqa: E402
 from mnist_resnet.model import build_model, flops_per_image, folded_copy  # noqa: E402
 from mnist_resnet.optim import make_optimizer  # noqa: E402
 from mnist_resnet.runtime import Runtime  # noqa: E402
-from mnist_resnet.train import train_step  # noqa: E402
+from mnist_resnet.step import train_step  # noqa: E402
 
 MNIST_GZ = (
     "train-images-idx3-ubyte.gz",

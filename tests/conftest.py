@@ -127,7 +127,7 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
     from mnist_resnet import data
     from mnist_resnet.checkpoint import load_model
     from mnist_resnet.evaluate import evaluate
-    from mnist_resnet.runtime import make_runtime
+    from mnist_resnet.precision import make_runtime
 
     splits = data.load("mnist", mnist_root, log=lambda _: None)
 

@@ -9,7 +9,7 @@ import torch
 
 from mnist_resnet import data
 from mnist_resnet.config import ConfigError, DataConfig
-from mnist_resnet.inference import to_float
+from mnist_resnet.images import to_float
 
 # ----------------------------------------------------------------------------- batches
 

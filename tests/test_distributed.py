@@ -28,7 +28,7 @@ from mnist_resnet.errors import TrainingError
 from mnist_resnet.evaluate import evaluate, evaluate_shard
 from mnist_resnet.model import build_model
 from mnist_resnet.optim import lr_factor
-from mnist_resnet.runtime import make_runtime
+from mnist_resnet.precision import make_runtime
 from mnist_resnet.train import train
 
 WORLD = 2

@@ -21,7 +21,7 @@ from mnist_resnet.ensemble import (
     shift_images,
 )
 from mnist_resnet.evaluate import EvalResult
-from mnist_resnet.runtime import make_runtime
+from mnist_resnet.precision import make_runtime
 
 
 def reference_shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:

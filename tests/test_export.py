@@ -13,7 +13,7 @@ from mnist_resnet.checkpoint import load_model
 from mnist_resnet.cli import main
 from mnist_resnet.export import onnx_session
 from mnist_resnet.inference import predict_logits
-from mnist_resnet.runtime import make_runtime
+from mnist_resnet.precision import make_runtime
 
 pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
 onnx = pytest.importorskip("onnx")

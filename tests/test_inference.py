@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mnist_resnet.inference import to_float
+from mnist_resnet.images import to_float
 
 
 def test_to_float() -> None:

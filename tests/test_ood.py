@@ -265,7 +265,7 @@ def test_torchscript_export_carries_the_temperature_and_the_detector(
 ) -> None:
     from mnist_resnet import data
     from mnist_resnet.export import export
-    from mnist_resnet.inference import to_float
+    from mnist_resnet.images import to_float
 
     out = tmp_path / "m.torchscript.pt"
     report = export(calibrated_checkpoint, "torchscript", out=out, data_dir=mnist_root, images=100)

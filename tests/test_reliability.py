@@ -150,8 +150,8 @@ def _tiny_run(
 
 def test_nonfinite_loss_leaves_weights_untouched() -> None:
     from mnist_resnet.optim import make_optimizer
-    from mnist_resnet.runtime import make_runtime
-    from mnist_resnet.train import train_step
+    from mnist_resnet.precision import make_runtime
+    from mnist_resnet.step import train_step
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     before = [p.detach().clone() for p in model.parameters()]

@@ -18,7 +18,7 @@ from mnist_resnet.config import PRESETS, DataConfig, ModelConfig, TrainConfig
 from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.model import build_model
 from mnist_resnet.optim import WeightAverage, lr_factor, make_optimizer, param_groups
-from mnist_resnet.runtime import make_runtime
+from mnist_resnet.precision import make_runtime
 from mnist_resnet.train import train, train_step
 
 

@@ -22,7 +22,8 @@ from mnist_resnet.calibration import calibrated
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.config import ConfigError, TrainConfig
 from mnist_resnet.inference import predict_logits
-from mnist_resnet.runtime import Runtime, make_runtime
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import Runtime
 
 Log = Callable[[str], None]
 SPLITS = ("test", "validation")

@@ -154,7 +154,7 @@ def evaluate_checkpoint(
     """
     from mnist_resnet import calibration, data, plots
     from mnist_resnet.checkpoint import load_model
-    from mnist_resnet.runtime import make_runtime
+    from mnist_resnet.precision import make_runtime
 
     loaded = load_model(checkpoint)
     splits = data.load_data(dataclasses.replace(loaded.data_config, data_dir=str(data_dir)))

@@ -26,16 +26,16 @@ from mnist_resnet import data
 from mnist_resnet.checkpoint import LoadedModel, load_model
 from mnist_resnet.config import PREPROCESS_INPUTS
 from mnist_resnet.errors import UserError
+from mnist_resnet.images import to_float
 from mnist_resnet.inference import (
     INPUT_NAME,
     OUTPUT_NAME,
     SCORED_OUTPUTS,
     predict_logits,
     predict_scored,
-    to_float,
     write_onnx_graph,
 )
-from mnist_resnet.runtime import make_runtime
+from mnist_resnet.precision import make_runtime
 
 FORMATS = ("onnx", "torchscript")
 # fp32 kernels differ between runtimes in summation order only; 1e-4 on logits is far above

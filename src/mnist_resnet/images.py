@@ -33,12 +33,15 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 IMAGE_SIZE = 28
 DIGIT_BOX = 20
@@ -684,3 +687,9 @@ def preprocess_pixels(pixels: NDArray[Any], mode: str = "mnist") -> NDArray[np.u
     """A 2-D array of 0..255 values (any size, any polarity) through `prepare_image`."""
     arr = np.clip(np.asarray(pixels, dtype=np.float32), 0, 255).astype(np.uint8)
     return prepare_image(Image.fromarray(arr, mode="L"), mode)
+
+
+def to_float(images_u8: Tensor, mean: float, std: float) -> Tensor:
+    """uint8 pixels (a tensor) to float32 standardised with the dataset's training mean/std:
+    step 8 above, and what training applies to every batch."""
+    return images_u8.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)

@@ -14,7 +14,9 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from mnist_resnet.config import TrainConfig
-from mnist_resnet.runtime import Runtime, make_runtime
+from mnist_resnet.images import to_float
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import Runtime
 
 OPSET = 17
 INPUT_NAME = "image"
@@ -22,11 +24,6 @@ OUTPUT_NAME = "logits"
 # The outputs of a calibrated graph (`ood.Scored`): logits, softmax(logits / T) and the
 # out-of-distribution score (flagged above the threshold in the file's metadata).
 SCORED_OUTPUTS = (OUTPUT_NAME, "probabilities", "ood_score")
-
-
-def to_float(images_u8: Tensor, mean: float, std: float) -> Tensor:
-    """uint8 pixels to float32 standardised with the dataset's training mean/std."""
-    return images_u8.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
 
 @torch.inference_mode()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mnist_resnet import calibration, data, ood
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_checkpoint, save_checkpoint
 from mnist_resnet.files import atomic_write_text, hash_file
-from mnist_resnet.inference import to_float
+from mnist_resnet.images import to_float
 
 Log = Callable[[str], None]
 # Training images the class Gaussians and the head are fitted on: 10,000 estimate a 64x64

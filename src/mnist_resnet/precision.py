@@ -4,6 +4,10 @@ bf16 halves the bytes every convolution moves, but whether a CPU turns that into
 on its oneDNN kernels: native bf16 dot products (AVX-512-BF16, AMX) can win, emulated ones lose
 to fp32. CPUs with the same flags differ (docs/speed.md), so the choice is timed, not guessed:
 once per CPU model, torch version, kernel set and thread count, kept in the user's cache folder.
+
+The choice sits above the `Runtime` it configures and the training step it times
+(docs/development.md#layers): `make_runtime` is the one place a run's device and precision are
+decided.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from typing import Any
 
 import torch
 
+from mnist_resnet.config import ModelConfig
 from mnist_resnet.files import atomic_write_text
-from mnist_resnet.runtime import Runtime
+from mnist_resnet.model import build_model
+from mnist_resnet.runtime import Runtime, select_device
+from mnist_resnet.step import train_step
 
 CACHE_ENV = "MNIST_RESNET_CACHE_DIR"
 CACHE_FILE = "precision.json"
@@ -85,11 +92,6 @@ def measure(channels_last: bool, *, batch: int = 128, budget_s: float = 0.8) -> 
     The global random state is restored afterwards: a run seeded before the probe trains the
     same whether the verdict came from the cache or from this measurement.
     """
-    # Imported here: the probe runs the training step, which is built on top of this layer.
-    from mnist_resnet.config import ModelConfig
-    from mnist_resnet.model import build_model
-    from mnist_resnet.train import train_step
-
     cpu = torch.device("cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -194,3 +196,14 @@ def choose(device: torch.device, amp: bool | None, channels_last: bool) -> Preci
     if probe.bf16_pays:
         return Precision(torch.bfloat16, f"bf16 autocast: {speed}; --no-amp forces fp32")
     return Precision(None, f"fp32: in bf16 autocast {speed}; --amp forces bf16")
+
+
+def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runtime:
+    """The device, precision and layout to run on.
+
+    `amp` True/False forces bf16 autocast on or off; None lets `choose` decide (on a
+    CPU by a cached measurement), and `Runtime.precision_note` says which and why.
+    """
+    device = select_device(accel)
+    chosen = choose(device, amp, channels_last)
+    return Runtime(device, chosen.dtype, channels_last, precision_note=chosen.reason)

@@ -25,7 +25,8 @@ from mnist_resnet.images import (
 )
 from mnist_resnet.inference import predict_scored
 from mnist_resnet.ood import verdict
-from mnist_resnet.runtime import Runtime, make_runtime
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import Runtime
 
 # ----------------------------------------------------------------------------- the model
 

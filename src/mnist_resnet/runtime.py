@@ -110,20 +110,6 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
     return all([bool(mallopt(param, value)) for param, value in settings])
 
 
-def make_runtime(*, accel: bool, amp: bool | None, channels_last: bool) -> Runtime:
-    """The device, precision and layout to run on.
-
-    `amp` True/False forces bf16 autocast on or off; None lets `precision.choose` decide (on a
-    CPU by a cached measurement), and `Runtime.precision_note` says which and why.
-    """
-    # Imported here: the precision probe runs the training step, a layer above this one.
-    from mnist_resnet import precision
-
-    device = select_device(accel)
-    chosen = precision.choose(device, amp, channels_last)
-    return Runtime(device, chosen.dtype, channels_last, precision_note=chosen.reason)
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
     try:

@@ -1,4 +1,4 @@
-"""Training: the one training step, and the epoch loop with its checkpoints, signals and resume.
+"""Training: the epoch loop with its checkpoints, signals and resume (the step is `step.py`).
 
 Batch order and augmentation are pure functions of (seed, epoch), and the global RNG state is
 saved with every checkpoint, so a resumed run continues exactly where the killed one stopped.
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnist_resnet import data, distributed, plots
@@ -47,6 +46,7 @@ from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
 from mnist_resnet.model import build_model, check_size, describe, folded_copy
 from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
+from mnist_resnet.precision import make_runtime
 from mnist_resnet.runs import (
     check_run_dir,
     load_resume,
@@ -55,15 +55,10 @@ from mnist_resnet.runs import (
     read_run_config,
     saved_configs,
 )
-from mnist_resnet.runtime import Runtime, configure_threads, make_runtime, seed_everything
+from mnist_resnet.runtime import configure_threads, seed_everything
+from mnist_resnet.step import NonFiniteLoss, train_step
 
 Log = Callable[[str], None]
-
-
-class NonFiniteLoss(ArithmeticError):
-    def __init__(self, value: float) -> None:
-        super().__init__(f"non-finite loss {value}")
-        self.value = value
 
 
 @dataclass(frozen=True)
@@ -76,41 +71,6 @@ class TrainResult:
     seconds: float
     # The plain module (never a DDP or compiled wrapper) holding the selected weights.
     model: nn.Module | None = None
-
-
-def train_step(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    runtime: Runtime,
-    *,
-    label_smoothing: float = 0.0,
-    grad_clip: float = 0.0,
-    check_finite: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on a normalised float batch; returns (loss, error rate), detached.
-
-    The only place that applies autocast, the channels_last layout and the optimizer step.
-    With `check_finite` it raises `NonFiniteLoss`, leaving weights and optimizer untouched, when
-    the loss is NaN/inf; that check waits for the device. Without it nothing in the step waits
-    for the device, and the caller checks the returned loss before it trusts the weights.
-    """
-    images = runtime.prepare_input(images)
-    labels = labels.to(runtime.device, non_blocking=True)
-    with runtime.autocast():
-        logits = model(images)
-    # The loss in fp32: bf16 log-softmax loses the small differences label smoothing makes.
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    # Checked before backward: a NaN step would poison the weights and the momentum buffers.
-    if check_finite and not torch.isfinite(loss):
-        raise NonFiniteLoss(float(loss.detach()))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()  # type: ignore[no-untyped-call]
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.detach(), (logits.detach().argmax(1) != labels).float().mean()
 
 
 class _StopRequests:

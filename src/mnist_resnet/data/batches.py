@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mnist_resnet.config import DataConfig
-from mnist_resnet.inference import to_float
+from mnist_resnet.images import to_float
 
 
 def epoch_indices(

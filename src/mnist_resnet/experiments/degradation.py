@@ -1,7 +1,7 @@
 """The degradation problem (He et al. 2015, Fig. 1 and 6): plain vs residual nets of each depth.
 
 Every (kind, depth, seed) is one *member run* in `<exp_dir>/<kind>-<depth>-s<seed>/`, trained with
-the identical recipe through `train.train_step`. A finished member leaves `history.json`
+the identical recipe through `step.train_step`. A finished member leaves `history.json`
 (written atomically) and is reused by a re-run; an unfinished one resumes from its last
 per-epoch `checkpoint.pt`. Batch order is a function of (seed, epoch) and nothing else is random
 after initialisation, so a resumed member repeats the epochs an uninterrupted one would run.
@@ -32,11 +32,12 @@ from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfi
 from mnist_resnet.evaluate import evaluate
 from mnist_resnet.experiments import KINDS, DegradationConfig
 from mnist_resnet.files import atomic_write_text
-from mnist_resnet.inference import to_float
+from mnist_resnet.images import to_float
 from mnist_resnet.model import ResNet, build_model
 from mnist_resnet.optim import make_optimizer, make_scheduler
-from mnist_resnet.runtime import Runtime, configure_threads, make_runtime
-from mnist_resnet.train import train_step
+from mnist_resnet.precision import make_runtime
+from mnist_resnet.runtime import Runtime, configure_threads
+from mnist_resnet.step import train_step
 
 Log = Callable[[str], None]
 

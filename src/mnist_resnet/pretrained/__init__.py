@@ -297,7 +297,7 @@ def _measured(
     from mnist_resnet.checkpoint import load_model
     from mnist_resnet.evaluate import evaluate
     from mnist_resnet.posthoc import fit, metadata_record
-    from mnist_resnet.runtime import make_runtime
+    from mnist_resnet.precision import make_runtime
 
     loaded = load_model(path)
     splits = data.load_data(
