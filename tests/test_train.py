@@ -303,10 +303,10 @@ def _count_reads_inside_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]
     inside = [False]
     real_step = train_module._Trainer._step
 
-    def step(self: Any, *args: Any) -> None:
+    def step(self: Any, *args: Any) -> Any:
         inside[0] = True
         try:
-            real_step(self, *args)
+            return real_step(self, *args)
         finally:
             inside[0] = False
         counts["steps"] += 1

@@ -15,9 +15,12 @@ from mnist_resnet.runtime import Runtime
 
 
 class NonFiniteLoss(ArithmeticError):
-    def __init__(self, value: float) -> None:
+    """A loss of NaN or inf; `step` is the epoch's step (1-based) once the loop knows it."""
+
+    def __init__(self, value: float, *, step: int = 0) -> None:
         super().__init__(f"non-finite loss {value}")
         self.value = value
+        self.step = step
 
 
 def train_step(

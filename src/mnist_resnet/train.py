@@ -1,12 +1,14 @@
-"""Training: the epoch loop with its checkpoints, signals and resume (the step is `step.py`).
+"""A training run: set-up (device, data, model, `loop.TrainState`), resume, then one line of work
+per epoch: `loop.train_one_epoch` with this run's hooks (progress bar, mid-epoch checkpoints,
+Ctrl-C), validation, selection, the epoch's checkpoint. The step itself is `step.py`.
 
 Batch order and augmentation are pure functions of (seed, epoch), and the global RNG state is
 saved with every checkpoint, so a resumed run continues exactly where the killed one stopped.
 
-Longer than our other modules on purpose: the loop, its checkpoints and its resume read and
-write one state (`_Trainer`), whose pieces (a step, the epoch's evaluation, a mid-epoch save)
-are small methods; splitting them across files would hand that state around. The optimizer and
-schedule live in `optim.py`, run directories in `runs.py`.
+Over 500 lines on purpose: a run's set-up, its resume checks (data hashes, world size, device of
+the augmentation stream), its checkpoints and its selection read and write one run (`_Trainer`);
+splitting them would hand that object around. The state and the loop live in `loop.py`, the
+optimizer and schedule in `optim.py`, run directories in `runs.py`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from mnist_resnet.config import (
 from mnist_resnet.errors import TrainingError, TrainingInterrupted
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
+from mnist_resnet.loop import EpochProgress, Hooks, TrainState, train_one_epoch
 from mnist_resnet.model import build_model, check_size, describe, folded_copy
 from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
 from mnist_resnet.precision import make_runtime
@@ -100,18 +102,6 @@ class _StopRequests:
         self.log("stopping after this step and saving a checkpoint (press Ctrl-C again to abort)")
 
 
-@dataclass
-class _EpochProgress:
-    """What a mid-epoch checkpoint needs to continue an epoch bit for bit."""
-
-    step: int = 0
-    loss_sum: float = 0.0
-    err_sum: float = 0.0
-    seen: int = 0
-    seconds: float = 0.0
-    augment_rng: torch.Tensor | None = None
-
-
 class _Trainer:
     """State of one run; `run()` is the epoch loop. Kept private: `train()` is the API."""
 
@@ -160,8 +150,6 @@ class _Trainer:
         # (every --log-interval steps, before a checkpoint, at the epoch's end); skipping a bad
         # step needs the verdict before the optimizer takes it, so --skip-nonfinite keeps it.
         self.check_each_step = not device_data or train_cfg.skip_nonfinite
-        # (loss, error rate, batch size) of the steps whose values are still on the device.
-        self.pending: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         sync_bn = train_cfg.sync_bn and self.dist.enabled
         if sync_bn and self.runtime.device.type != "cuda":
             raise ConfigError(
@@ -192,9 +180,15 @@ class _Trainer:
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # type: ignore[no-untyped-call]
         self.model = self.runtime.prepare_model(model)
-        self.optimizer = make_optimizer(self.model, train_cfg, world)
-        self.scheduler = make_scheduler(self.optimizer, train_cfg, self.steps_per_epoch)
+        optimizer = make_optimizer(self.model, train_cfg, world)
+        average = WeightAverage(self.model, train_cfg.ema_decay) if train_cfg.ema_decay else None
         # The optimizer and the checkpoints hold the plain module; only the forward is wrapped.
+        self.state = TrainState(
+            self.model,
+            optimizer,
+            make_scheduler(optimizer, train_cfg, self.steps_per_epoch),
+            average,
+        )
         wrapped = distributed.wrap(self.model, self.dist, self.runtime.device)
         self.forward: nn.Module = wrapped
         if train_cfg.compile:
@@ -202,17 +196,12 @@ class _Trainer:
             self.forward = torch.compile(wrapped, mode=mode)  # type: ignore[assignment]
         # Evaluation shards the split itself: DDP's forward would sync buffers on every batch.
         self.eval_forward = self.model if self.dist.enabled else self.forward
-        self.average = (
-            WeightAverage(self.model, train_cfg.ema_decay) if train_cfg.ema_decay else None
-        )
-        if self.average is not None:
-            self._note_short_average(self.average, train_cfg.epochs * self.steps_per_epoch)
+        if average is not None:
+            self._note_short_average(average, train_cfg.epochs * self.steps_per_epoch)
         if train_cfg.save_model:
             # Weights plus SGD momentum, in fp32: the bulk of a checkpoint's size.
             size = 2 * 4 * sum(p.numel() for p in self.model.parameters()) + (1 << 20)
             distributed.main_only(lambda: check_run_dir(run_dir, size, train_cfg.keep_last + 3))
-        self.start_epoch = 0
-        self.progress = _EpochProgress()
         self.best_epoch, self.best_val_error = 0, math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
         self.stop = _StopRequests(log)
@@ -250,30 +239,20 @@ class _Trainer:
                 "the checkpoint was trained on different data than the files found now "
                 f"{where} (their content changed); refusing to resume"
             )
-        self.start_epoch = int(state["epoch"])
+        epochs_done = int(state["epoch"])
         partial = state.get("partial_epoch")
         saved_world = int(state.get("world_size", 1))
         world = self.dist.world_size
         if partial and saved_world != world:
             raise TrainingError(
-                f"this checkpoint stopped in the middle of epoch {self.start_epoch + 1} with "
+                f"this checkpoint stopped in the middle of epoch {epochs_done + 1} with "
                 f"{saved_world} process(es); resume it with {saved_world}, or resume from a "
                 f"whole-epoch checkpoint ({self.run_dir}/checkpoints/"
-                f"{checkpoint_name(self.start_epoch)}) to change the number of processes"
+                f"{checkpoint_name(epochs_done)}) to change the number of processes"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.average is not None:
-            if state.get("weight_average") is None:
-                raise TrainingError("this checkpoint holds no weight average to resume --ema-decay")
-            self.average.load_state_dict(state["weight_average"])
+        self.state.load_state_dict(state, rank=self.dist.rank)
         if saved_world != world:
-            self._rescale_schedule(self.start_epoch)
-        if partial:
-            # Each rank continues its own shard and its own augmentation stream.
-            per_rank = state.get("partial_epoch_ranks") or [partial]
-            self.progress = _EpochProgress(**per_rank[self.dist.rank])
+            self._rescale_schedule(epochs_done)
         best = state.get("best", {})
         self.best_epoch = int(best.get("epoch", 0))
         self.best_val_error = float(best.get("val_error", math.inf))
@@ -281,27 +260,25 @@ class _Trainer:
         # Rank 0 reads the files; `_finish` hands its selected weights to the other ranks.
         if self.dist.is_main and best_path.exists() and self.best_epoch:
             self.best_state = load_checkpoint(best_path)["model"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_to_random_state(rng["python"]))
         if self.dist.is_main:
-            self._truncate_metrics(self.start_epoch)
+            self._truncate_metrics(epochs_done)
             # Temp files of writes that a kill interrupted: never loaded, just clutter.
             for stale in self.run_dir.glob("**/.*.tmp"):
                 stale.unlink(missing_ok=True)
-        where = f", step {self.progress.step}" if self.progress.step else ""
+        where = f", step {self.state.progress.step}" if self.state.progress.step else ""
         procs = (
             f" with {world} processes (saved with {saved_world})" if saved_world != world else ""
         )
-        self.log(f"resumed after epoch {self.start_epoch}{where} of {self.cfg.epochs}{procs}")
+        self.log(f"resumed after epoch {epochs_done}{where} of {self.cfg.epochs}{procs}")
 
     def _rescale_schedule(self, epochs_done: int) -> None:
         """Another world size means another global batch and steps per epoch: restart the
         per-step schedule at the start of epoch `epochs_done + 1` from the scaled peak lr."""
-        for group in self.optimizer.param_groups:
+        optimizer = self.state.optimizer
+        for group in optimizer.param_groups:
             group["initial_lr"] = peak_lr(self.cfg, self.dist.world_size)
-        self.scheduler = make_scheduler(
-            self.optimizer, self.cfg, self.steps_per_epoch, step=epochs_done * self.steps_per_epoch
+        self.state.scheduler = make_scheduler(
+            optimizer, self.cfg, self.steps_per_epoch, step=epochs_done * self.steps_per_epoch
         )
 
     def _truncate_metrics(self, epochs_done: int) -> None:
@@ -314,9 +291,8 @@ class _Trainer:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _state(self, epoch: int) -> dict[str, Any]:
-        partial = None
-        if self.progress.step:
-            partial = dict(vars(self.progress))
+        """A checkpoint: the configs, the training state as after `epoch` whole epochs, and
+        what a model file needs besides its weights (data, normalisation, classes, selection)."""
         return {
             "config": {
                 "preset": self.preset,
@@ -324,18 +300,13 @@ class _Trainer:
                 "train": to_dict(self.cfg),
                 "data": to_dict(self.data_cfg),
             },
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            **self.state.state_dict(),
             "epoch": epoch,
-            "partial_epoch": partial,
             "world_size": self.dist.world_size,
             "data_hashes": self.data.hashes,
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
-            "weight_average": None if self.average is None else self.average.state_dict(),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
 
     def _save(self, epochs_done: int) -> None:
@@ -343,12 +314,12 @@ class _Trainer:
 
         Called on every rank; rank 0 writes. Mid-epoch, it gathers each rank's progress.
         """
-        ranks = None
-        if self.progress.step and self.dist.enabled:
-            ranks = distributed.gather_objects(dict(vars(self.progress)))
+        progress, ranks = self.state.progress, None
+        if progress.step and self.dist.enabled:
+            ranks = distributed.gather_objects(dict(vars(progress)))
         if not self.dist.is_main:
             return
-        path = self.run_dir / "checkpoints" / checkpoint_name(epochs_done, self.progress.step)
+        path = self.run_dir / "checkpoints" / checkpoint_name(epochs_done, progress.step)
         state = self._state(epochs_done)
         if ranks is not None:
             state["partial_epoch_ranks"] = ranks
@@ -389,41 +360,68 @@ class _Trainer:
         )
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        """One epoch (or the rest of one, after a resume): step, log, checkpoint when asked."""
+        """One epoch (or the rest of one, after a resume) through `train_one_epoch`, with this
+        run's logging (the progress bar), checkpoint and signal points as its hooks."""
         from tqdm import tqdm
 
-        p = self.progress
-        self.forward.train()
+        cfg, progress = self.cfg, self.state.progress
         batches, augment_rng = self._epoch_batches(epoch)
-        start = time.perf_counter() - p.seconds
+        started = time.perf_counter() - progress.seconds
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=p.step,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            initial=progress.step,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
             leave=False,
             disable=None if self.dist.is_main else True,
             unit="batch",
         )
+
+        def show(rows: list[tuple[int, float, float]]) -> None:
+            if rows and not bar.disable:
+                rate = self.state.progress.seen / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix(loss=f"{rows[-1][1]:.4f}", img_s=f"{rate:,.0f}")
+
+        def checkpoint() -> None:
+            self.state.progress.augment_rng = augment_rng.get_state()
+            if cfg.save_model:
+                self._save(epoch)
+
+        def stop() -> None:
+            step = self.state.progress.step
+            raise TrainingInterrupted(
+                f"stopped at epoch {epoch + 1}, step {step}; checkpoint saved. "
+                f"Continue with: mnist-resnet train --resume {self.run_dir}"
+                if cfg.save_model
+                else f"stopped at epoch {epoch + 1}, step {step} (--no-save-model: nothing saved)"
+            )
+
+        hooks = Hooks(
+            log_every=cfg.log_interval,
+            on_log=show,
+            checkpoint_every=cfg.checkpoint_steps,
+            on_checkpoint=checkpoint,
+            stop_now=self._stop_requested,
+            on_stop=stop,
+        )
+        self.forward.train()
         with bar:
-            for images_u8, labels in batches:
-                if p.step >= self.steps_per_epoch:
-                    break
-                self._step(epoch, images_u8, labels, augment_rng)
-                if p.step % self.cfg.log_interval == 0:
-                    loss = self._settle(epoch)
-                    if not bar.disable:
-                        rate = p.seen / max(1e-9, time.perf_counter() - start)
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:,.0f}")
-                bar.update()
-                self._mid_epoch_checkpoint(epoch, time.perf_counter() - start, augment_rng)
-            self._settle(epoch)  # also waits for the device: the epoch's time is its real time
-        return self._epoch_metrics(time.perf_counter() - start)
+            try:
+                done = train_one_epoch(
+                    self.state,
+                    _counted(batches, bar),
+                    lambda images_u8, labels: self._step(epoch, images_u8, labels, augment_rng),
+                    self.steps_per_epoch,
+                    hooks,
+                )
+            except NonFiniteLoss as e:
+                raise self._nonfinite(e.value, epoch, e.step) from None
+        return self._epoch_metrics(done)
 
     def _epoch_batches(
         self, epoch: int
     ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], torch.Generator]:
         """This rank's batches of the epoch, and the augmentation stream they are drawn with."""
-        cfg, d, p = self.cfg, self.data, self.progress
+        cfg, d, p = self.cfg, self.data, self.state.progress
         rank, world = self.dist.rank, self.dist.world_size
         # Every rank draws the same permutation and takes its own stride of it.
         indices = data.epoch_indices(
@@ -456,9 +454,10 @@ class _Trainer:
         images_u8: torch.Tensor,
         labels: torch.Tensor,
         augment_rng: torch.Generator,
-    ) -> None:
-        """Augment one batch, take one optimizer step (or skip a non-finite one), count it."""
-        cfg, p = self.cfg, self.progress
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Augment one batch and take one optimizer step: (loss, error rate, stepped), on the
+        device; with --skip-nonfinite a non-finite step is logged and not taken."""
+        cfg = self.cfg
         images = data.training_batch(
             images_u8, self.data_cfg, augment_rng, self.data.mean, self.data.std
         )
@@ -467,7 +466,7 @@ class _Trainer:
                 self.forward,
                 images,
                 labels,
-                self.optimizer,
+                self.state.optimizer,
                 self.runtime,
                 label_smoothing=cfg.label_smoothing,
                 grad_clip=cfg.grad_clip,
@@ -475,37 +474,12 @@ class _Trainer:
             )
         except NonFiniteLoss as e:
             if not cfg.skip_nonfinite:
-                raise self._nonfinite(e.value, epoch, p.step + 1) from None
-            self.log(f"skipped step {p.step + 1} of epoch {epoch + 1}: loss {e.value}")
+                raise
+            step = self.state.progress.step + 1
+            self.log(f"skipped step {step} of epoch {epoch + 1}: loss {e.value}")
             device = self.runtime.device
-            loss, err = torch.zeros((), device=device), torch.ones((), device=device)
-        else:
-            if self.average is not None:
-                self.average.update()
-        self.scheduler.step()
-        p.step += 1
-        p.seen += len(labels)
-        self.pending.append((loss, err, len(labels)))
-
-    def _settle(self, epoch: int) -> float:
-        """Read the losses and error rates of the steps taken since the last read, in one
-        transfer, and add them to the epoch's sums (in step order, so the sums are the ones a
-        read per step gives); stop at a non-finite loss. Returns the latest loss (0 if none)."""
-        p, pending = self.progress, self.pending
-        if not pending:
-            return 0.0
-        values = torch.stack([v for loss, err, _ in pending for v in (loss, err)]).tolist()
-        first = p.step - len(pending) + 1
-        self.pending = []
-        for i, (_, _, n) in enumerate(pending):
-            loss, err = values[2 * i], values[2 * i + 1]
-            if not math.isfinite(loss):
-                # Only without the per-step check: the weights took the bad step, but no
-                # checkpoint is written before this read.
-                raise self._nonfinite(loss, epoch, first + i)
-            p.loss_sum += loss * n
-            p.err_sum += err * n
-        return float(values[-2])
+            return torch.zeros((), device=device), torch.ones((), device=device), False
+        return loss, err, True
 
     def _nonfinite(self, value: float, epoch: int, step: int) -> TrainingError:
         saved = (
@@ -518,45 +492,22 @@ class _Trainer:
             f"--grad-clip, or pass --skip-nonfinite{saved}"
         )
 
-    def _mid_epoch_checkpoint(
-        self, epoch: int, seconds: float, augment_rng: torch.Generator
-    ) -> None:
-        """Save every --checkpoint-steps steps, and on Ctrl-C/SIGTERM save and stop."""
-        cfg, p = self.cfg, self.progress
-        periodic = cfg.checkpoint_steps and p.step % cfg.checkpoint_steps == 0
-        stop = self._stop_requested(p.step)
-        if not (stop or periodic) or p.step >= self.steps_per_epoch:
-            return  # the epoch's own checkpoint follows at its end
-        self._settle(epoch)  # the saved sums are complete, and no bad step is saved
-        p.seconds = seconds
-        p.augment_rng = augment_rng.get_state()
-        if cfg.save_model:
-            self._save(epoch)
-        if stop:
-            raise TrainingInterrupted(
-                f"stopped at epoch {epoch + 1}, step {p.step}; checkpoint saved. "
-                f"Continue with: mnist-resnet train --resume {self.run_dir}"
-                if cfg.save_model
-                else f"stopped at epoch {epoch + 1}, step {p.step} (--no-save-model: nothing saved)"
-            )
-
-    def _epoch_metrics(self, seconds: float) -> dict[str, float]:
+    def _epoch_metrics(self, p: EpochProgress) -> dict[str, float]:
         """Loss and error over the whole global batch stream (the same on every rank)."""
-        p = self.progress
         loss_sum, err_sum, seen = distributed.all_reduce_sum(
             torch.tensor([p.loss_sum, p.err_sum, float(p.seen)], dtype=torch.float64)
         ).tolist()
-        self.progress = _EpochProgress()
         return {
             "train_loss": loss_sum / max(1, seen),
             "train_error": err_sum / max(1, seen),
-            "images_per_second": seen / max(1e-9, seconds),
-            "train_seconds": seconds,
+            "images_per_second": seen / max(1e-9, p.seconds),
+            "train_seconds": p.seconds,
         }
 
     def _candidate(self) -> nn.Module:
         """The weights an epoch is judged by: the running average if there is one."""
-        return self.eval_forward if self.average is None else self.average.model
+        average = self.state.average
+        return self.eval_forward if average is None else average.model
 
     def _stop_requested(self, step: int | None = None) -> bool:
         """Whether to stop now: at once in one process; with several, only where all ranks ask
@@ -598,13 +549,14 @@ class _Trainer:
         )
         start = time.perf_counter()
         epochs = 1 if cfg.dry_run else cfg.epochs
-        epochs_run = self.start_epoch
-        for epoch in range(self.start_epoch, epochs):
+        epochs_run = self.state.epoch
+        for epoch in range(self.state.epoch, epochs):
             epochs_run = epoch + 1
             row: dict[str, float] = {"epoch": epoch + 1, "lr": self._epoch_lr()}
             row.update(self._train_epoch(epoch))
             # With --ema-decay the averaged weights are validated, selected and tested.
-            selectable = self.model if self.average is None else self.average.model
+            average = self.state.average
+            selectable = self.model if average is None else average.model
             self._check_finite(selectable, epoch)
             if len(self.data.val_x):
                 val = self._evaluate(self.data.val_x, self.data.val_y, self._candidate())
@@ -643,9 +595,10 @@ class _Trainer:
     def _epoch_lr(self) -> float:
         """The learning rate of the epoch's first step, also when a resume starts mid-epoch
         (the optimizer then holds the rate of the step it resumes at)."""
-        first_step = self.scheduler.last_epoch - self.progress.step
-        factor = self.scheduler.lr_lambdas[0](first_step)
-        return float(self.scheduler.base_lrs[0] * factor)
+        scheduler = self.state.scheduler
+        first_step = scheduler.last_epoch - self.state.progress.step
+        factor = scheduler.lr_lambdas[0](first_step)
+        return float(scheduler.base_lrs[0] * factor)
 
     def _check_finite(self, model: nn.Module, epoch: int) -> None:
         """Stop before a model whose weights went NaN/inf is judged, selected or saved: its
@@ -737,8 +690,13 @@ def _on_device(d: data.PreparedData, device: torch.device) -> data.PreparedData:
     )
 
 
-def _to_random_state(values: list[int]) -> tuple[Any, ...]:
-    return (3, tuple(int(v) for v in values), None)
+def _counted(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], bar: Any
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches, moving the progress bar on as each one's step is done."""
+    for batch in batches:
+        yield batch
+        bar.update()
 
 
 def _tensorboard_writer(run_dir: Path) -> Any:

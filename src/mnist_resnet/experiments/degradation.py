@@ -1,9 +1,10 @@
 """The degradation problem (He et al. 2015, Fig. 1 and 6): plain vs residual nets of each depth.
 
 Every (kind, depth, seed) is one *member run* in `<exp_dir>/<kind>-<depth>-s<seed>/`, trained with
-the identical recipe through `step.train_step`. A finished member leaves `history.json`
-(written atomically) and is reused by a re-run; an unfinished one resumes from its last
-per-epoch `checkpoint.pt`. Batch order is a function of (seed, epoch) and nothing else is random
+the identical recipe through training's own loop (`loop.train_one_epoch`, `step.train_step`),
+whose hooks record every step. A finished member leaves `history.json` (written atomically) and
+is reused by a re-run; an unfinished one resumes its `TrainState` from its last per-epoch
+`checkpoint.pt`. Batch order is a function of (seed, epoch) and nothing else is random
 after initialisation, so a resumed member repeats the epochs an uninterrupted one would run.
 
 One file for one study (its members, their resume, the table and the figures); at a little over
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mnist_resnet import data, plots
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -33,11 +34,12 @@ from mnist_resnet.evaluate import evaluate
 from mnist_resnet.experiments import KINDS, DegradationConfig
 from mnist_resnet.files import atomic_write_text
 from mnist_resnet.images import to_float
+from mnist_resnet.loop import Hooks, TrainState, train_one_epoch
 from mnist_resnet.model import ResNet, build_model
 from mnist_resnet.optim import make_optimizer, make_scheduler
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runtime import Runtime, configure_threads
-from mnist_resnet.step import train_step
+from mnist_resnet.step import NonFiniteLoss, train_step
 
 Log = Callable[[str], None]
 
@@ -156,56 +158,57 @@ def train_member(
     optimizer = make_optimizer(model, train_cfg)
     n = cfg.train_images
     steps = n // cfg.batch_size
-    scheduler = make_scheduler(optimizer, train_cfg, steps)
+    state = TrainState(model, optimizer, make_scheduler(optimizer, train_cfg, steps))
     val_marks = {max(1, round(steps * (k + 1) / cfg.val_points)) for k in range(cfg.val_points)}
     train_x, train_y = d.train_x[:n], d.train_y[:n]
     history = _new_history(cfg, member, steps)
     ckpt = member_dir / "checkpoint.pt"
-    start_epoch = _resume(ckpt, history, model, optimizer, scheduler, log)
+    _resume(ckpt, history, state, log)
     probe = StageGradNorms(model.stages)
+
+    def one_step(images_u8: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, bool]:
+        images = to_float(images_u8, d.mean, d.std)
+        return (*train_step(model, images, labels, optimizer, runtime), True)
+
+    def arm(step: int) -> None:
+        probe.armed = (state.epoch * steps + step - 1) % cfg.grad_every == 0
+
+    def record(rows: list[tuple[int, float, float]]) -> None:
+        for step, loss, err in rows:  # one row a step: the hooks read every step back
+            iteration = state.epoch * steps + step
+            _record_step(history, iteration, loss, err)
+            if probe.armed:
+                history["grad_norms"]["iteration"].append(iteration)
+                history["grad_norms"]["norm"].append(probe.take())
+            if step in val_marks:
+                history["val"]["iteration"].append(iteration)
+                history["val"]["error"].append(_error(model, d.val_x, d.val_y, d, runtime))
+                model.train()
+
+    hooks = Hooks(log_every=1, before_step=arm, on_log=record)
     started = time.perf_counter()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        while state.epoch < cfg.epochs:
             model.train()
-            indices = data.epoch_indices(n, epoch=epoch, seed=member.seed)
+            indices = data.epoch_indices(n, epoch=state.epoch, seed=member.seed)
             batches = data.batches(train_x, train_y, indices, cfg.batch_size, drop_last=True)
-            for step, (images_u8, labels) in enumerate(batches, 1):
-                iteration = epoch * steps + step
-                probe.armed = (iteration - 1) % cfg.grad_every == 0
-                images = to_float(images_u8, d.mean, d.std)
-                loss, err = train_step(model, images, labels, optimizer, runtime)
-                scheduler.step()
-                _record_step(history, iteration, float(loss), float(err))
-                if probe.armed:
-                    history["grad_norms"]["iteration"].append(iteration)
-                    history["grad_norms"]["norm"].append(probe.take())
-                if not math.isfinite(float(loss)):
-                    history["diverged_at"] = iteration
-                    log(f"{member.name}: loss became {float(loss)} at iteration {iteration}")
-                    break
-                if step in val_marks:
-                    history["val"]["iteration"].append(iteration)
-                    history["val"]["error"].append(_error(model, d.val_x, d.val_y, d, runtime))
-                    model.train()
-            if history["diverged_at"] is not None:
+            try:
+                train_one_epoch(state, batches, one_step, steps, hooks)
+            except NonFiniteLoss as e:
+                history["diverged_at"] = state.epoch * steps + e.step
+                log(f"{member.name}: loss became {e.value} at iteration {history['diverged_at']}")
                 break
+            state.epoch += 1
             history["seconds"] += time.perf_counter() - started
             started = time.perf_counter()
             val_error = history["val"]["error"][-1]
-            history["epochs"].append({"epoch": epoch + 1, "val_error": val_error})
+            history["epochs"].append({"epoch": state.epoch, "val_error": val_error})
+            config = {"recipe": cfg.recipe(), "member": dataclasses.asdict(member)}
             save_checkpoint(
-                ckpt,
-                {
-                    "config": {"recipe": cfg.recipe(), "member": dataclasses.asdict(member)},
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": json.dumps(history),
-                },
+                ckpt, {"config": config, **state.state_dict(), "history": json.dumps(history)}
             )
             log(
-                f"{member.name}: epoch {epoch + 1}/{cfg.epochs}, train loss "
+                f"{member.name}: epoch {state.epoch}/{cfg.epochs}, train loss "
                 f"{_mean_last(history['train']['loss'], steps):.4f}, val error {val_error:.2%}, "
                 f"{history['seconds']:.0f} s"
             )
@@ -234,33 +237,23 @@ def _mean_last(values: list[float | None], count: int) -> float:
     return sum(tail) / max(1, len(tail))
 
 
-def _resume(
-    ckpt: Path,
-    history: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    log: Log,
-) -> int:
+def _resume(ckpt: Path, history: dict[str, Any], state: TrainState, log: Log) -> None:
     """Restore a member killed mid-way; a checkpoint of another config is ignored."""
     if not ckpt.exists():
-        return 0
+        return
     try:
-        state = load_checkpoint(ckpt)
+        saved = load_checkpoint(ckpt)
     except CheckpointError as e:
         log(f"ignoring {ckpt}: {e}")
-        return 0
+        return
     expected = {"recipe": history["recipe"], "member": history["member"]}
-    if state["config"] != expected:
+    if saved["config"] != expected:
         log(f"ignoring {ckpt}: written by a different configuration")
-        return 0
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+        return
+    state.load_state_dict(saved)
     history.clear()
-    history.update(json.loads(state["history"]))
-    log(f"{ckpt.parent.name}: resumed after epoch {state['epoch']}")
-    return int(state["epoch"])
+    history.update(json.loads(saved["history"]))
+    log(f"{ckpt.parent.name}: resumed after epoch {state.epoch}")
 
 
 def _finished_history(path: Path, cfg: DegradationConfig, member: Member) -> dict[str, Any] | None:
