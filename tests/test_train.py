@@ -306,10 +306,11 @@ def _count_reads_inside_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]
     def step(self: Any, *args: Any) -> Any:
         inside[0] = True
         try:
-            return real_step(self, *args)
+            taken = real_step(self, *args)
         finally:
             inside[0] = False
         counts["steps"] += 1
+        return taken
 
     monkeypatch.setattr(train_module._Trainer, "_step", step)
     for name in _SYNCS:
