@@ -221,7 +221,7 @@ def test_only_known_formats_are_decoded_and_their_cost_is_bounded_first(
     def decoded(*_: object) -> None:
         raise AssertionError("decoded although over the budget")
 
-    monkeypatch.setattr("mnist_resnet.serve.decode_opened", decoded)
+    monkeypatch.setattr("mnist_resnet.serve.parsing.decode_opened", decoded)
     # A 4000 x 4000 lossless WebP is a few hundred bytes and 0.3-0.5 s of decoding.
     buf = io.BytesIO()
     Image.new("L", (4000, 4000), 255).save(buf, "WEBP", lossless=True)

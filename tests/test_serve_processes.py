@@ -215,7 +215,7 @@ def test_dead_workers_are_replaced_and_a_dead_supervisor_takes_its_workers(
         wait_for(lambda: not any(alive(w) for w in workers), 30, "no orphaned worker")
         socket.create_server(("127.0.0.1", server.port)).close()
         # Its metrics folder is left (nobody could remove it): the next server removes it.
-        from mnist_resnet.serve import METRICS_PREFIX, _metrics_folder
+        from mnist_resnet.serve.process import METRICS_PREFIX, _metrics_folder
 
         left = list(Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}{server.proc.pid}-*"))
         assert len(left) == 1
@@ -224,7 +224,7 @@ def test_dead_workers_are_replaced_and_a_dead_supervisor_takes_its_workers(
 
 
 def test_the_metrics_folder_of_a_killed_supervisor_is_removed_by_the_next(tmp_path: Path) -> None:
-    from mnist_resnet.serve import METRICS_PREFIX, _metrics_folder
+    from mnist_resnet.serve.process import METRICS_PREFIX, _metrics_folder
 
     dead = subprocess.Popen(["true"])
     dead.wait()
