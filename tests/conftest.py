@@ -113,7 +113,7 @@ def small_checkpoint(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
     runs = tmp_path_factory.mktemp("small-runs")
     result = train(
-        ModelConfig(depth=8, stem_pool=True),
+        ModelConfig(depth=8, stem="pool"),
         TrainConfig(epochs=2, runs_dir=str(runs), name="small"),
         DataConfig(data_dir=str(mnist_root), subset=0.3),
         log=lambda _: None,

@@ -44,6 +44,23 @@ def test_flags_override_preset_and_defaults_come_from_config() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "stem"),
+    [
+        (["--preset", "fast"], "pool"),
+        (["--stem", "unshuffle"], "unshuffle"),
+        # The four flags of earlier versions, on top of the preset's stem.
+        (["--stem-pool", "--pool-before-norm"], "pool-first"),
+        (["--preset", "fast", "--pool-before-norm"], "pool-first"),
+        (["--preset", "fast", "--no-stem-pool", "--stem-stride", "2"], "stride2"),
+        (["--preset", "fast", "--no-stem-pool", "--stem-unshuffle"], "unshuffle"),
+    ],
+)
+def test_the_stem_is_one_flag_and_the_old_flags_still_work(argv: list[str], stem: str) -> None:
+    model_cfg, _, _ = train_configs(build_parser().parse_args(["train", *argv]))
+    assert model_cfg.stem == stem
+
+
+@pytest.mark.parametrize(
     ("argv", "needle"),
     [
         (["train", "--preset", "resnet21"], "unknown preset"),
@@ -52,6 +69,8 @@ def test_flags_override_preset_and_defaults_come_from_config() -> None:
         (["train", "--epochs", "0"], "--epochs"),
         (["train", "--lr", "-1"], "--lr"),
         (["train", "--compile-mode", "fastest"], "--compile-mode"),
+        (["train", "--stem", "pooled"], "unknown stem"),
+        (["train", "--stem-unshuffle", "--stem-pool"], "--stem-unshuffle already quarters"),
         (["evaluate", "does-not-exist.pt"], "not found"),
     ],
 )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnist_resnet.config import PRESETS, ConfigError, ModelConfig
+from mnist_resnet.config import PRESETS, ConfigError, ModelConfig, from_dict, stem_from_flags
 from mnist_resnet.model import (
     BaselineNet,
     BottleneckBlock,
@@ -187,7 +187,7 @@ def test_forward_calls_submodules_in_order() -> None:
 
 
 def test_stem_stride_2_halves_every_stage_without_a_pool() -> None:
-    cfg = ModelConfig(depth=14, stem_stride=2)
+    cfg = ModelConfig(depth=14, stem="stride2")
     model = build_model(cfg)
     assert isinstance(model, ResNet) and model.conv1.stride == (2, 2)
     assert isinstance(model.stem_pool, nn.Identity)
@@ -204,7 +204,7 @@ def test_stem_stride_2_halves_every_stage_without_a_pool() -> None:
 
 
 def test_unshuffled_stem_runs_every_stage_at_a_quarter_of_the_pixels() -> None:
-    cfg = ModelConfig(depth=14, stem_unshuffle=True)
+    cfg = ModelConfig(depth=14, stem="unshuffle")
     model = build_model(cfg)
     assert isinstance(model, ResNet) and model.conv1.in_channels == 4
     assert model.conv1.stride == (1, 1) and isinstance(model.stem_pool, nn.Identity)
@@ -222,16 +222,16 @@ def test_unshuffled_stem_runs_every_stage_at_a_quarter_of_the_pixels() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"stem_pool": True}, {"stem_stride": 2}], ids=["with-pool", "with-stride-2"]
+    "flags", [{"stem_pool": True}, {"stem_stride": 2}], ids=["with-pool", "with-stride-2"]
 )
-def test_unshuffled_stem_rejects_a_second_downsampling(kwargs: dict[str, Any]) -> None:
+def test_old_unshuffled_stem_flags_reject_a_second_downsampling(flags: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="--stem-unshuffle already quarters the pixels"):
-        ModelConfig(depth=14, stem_unshuffle=True, **kwargs).validate()
+        stem_from_flags(stem_unshuffle=True, **flags)
 
 
 @pytest.mark.parametrize("pool_before_norm", [False, True])
 def test_pooled_stem_order(pool_before_norm: bool) -> None:
-    cfg = ModelConfig(depth=14, stem_pool=True, pool_before_norm=pool_before_norm)
+    cfg = ModelConfig(depth=14, stem="pool-first" if pool_before_norm else "pool")
     model = build_model(cfg)
     assert isinstance(model, ResNet)
     calls: list[tuple[str, int]] = []
@@ -251,9 +251,9 @@ def test_pooled_stem_order(pool_before_norm: bool) -> None:
 def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() -> None:
     # In eval mode with gamma > 0, BN is monotonic per channel, so max-pool commutes with it
     # (and with ReLU): both orders give the same logits from the same weights.
-    after = build_model(ModelConfig(depth=8, stem_pool=True))
+    after = build_model(ModelConfig(depth=8, stem="pool"))
     _randomise_bn(after)
-    before = build_model(ModelConfig(depth=8, stem_pool=True, pool_before_norm=True))
+    before = build_model(ModelConfig(depth=8, stem="pool-first"))
     before.load_state_dict(after.state_dict())
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
@@ -267,9 +267,9 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
         ModelConfig(depth=14),
         ModelConfig(depth=20, width=0.5, shortcut=False),
         ModelConfig(block="bottleneck", depth=29),
-        ModelConfig(depth=8, stem_pool=True),
-        ModelConfig(depth=8, stem_pool=True, pool_before_norm=True),
-        ModelConfig(depth=8, stem_unshuffle=True),
+        ModelConfig(depth=8, stem="pool"),
+        ModelConfig(depth=8, stem="pool-first"),
+        ModelConfig(depth=8, stem="unshuffle"),
         ModelConfig(arch="baseline"),
     ],
     ids=[
@@ -310,11 +310,24 @@ def test_fold_batchnorm_keeps_eval_logits_and_removes_every_foldable_norm(
         assert sum(c.bias is not None for c in convs) == len(convs) - cfg.pool_before_norm
 
 
-def test_stem_stride_must_be_1_or_2() -> None:
+def test_stem_is_one_named_choice_and_the_old_flags_map_onto_it() -> None:
+    with pytest.raises(ConfigError, match="unknown stem 'pooled'"):
+        build_model(ModelConfig(stem="pooled"))
     with pytest.raises(ConfigError, match="--stem-stride must be 1 or 2, got 3"):
-        build_model(ModelConfig(stem_stride=3))
+        stem_from_flags(stem_stride=3)
     with pytest.raises(ConfigError, match="--pool-before-norm only applies with --stem-pool"):
-        build_model(ModelConfig(pool_before_norm=True))
+        stem_from_flags(pool_before_norm=True)
+    old = {"depth": 8, "stem_pool": True, "pool_before_norm": True, "stem_stride": 1}
+    assert from_dict(ModelConfig, old).stem == "pool-first"
+    assert from_dict(ModelConfig, {"depth": 8, "stem_stride": 2}).stem == "stride2"
+    assert from_dict(ModelConfig, {"depth": 8}).stem == "conv"
+    with pytest.raises(ConfigError, match=r"ModelConfig\.stem_pool: expected bool"):
+        from_dict(ModelConfig, {"depth": 8, "stem_pool": 1})
+    # The parts the builder reads, from the one choice.
+    cfg = ModelConfig(stem="pool-first")
+    assert (cfg.stem_pool, cfg.pool_before_norm, cfg.stem_stride, cfg.stem_unshuffle) == (
+        True, True, 1, False,
+    )  # fmt: skip
 
 
 # --- shortcut=False: the paper's plain net --------------------------------------------------

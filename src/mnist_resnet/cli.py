@@ -21,6 +21,7 @@ from mnist_resnet.config import (
     DEFAULT_PRESET,
     PRESETS,
     SERVE_ENGINES,
+    STEMS,
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -29,6 +30,7 @@ from mnist_resnet.config import (
     default_data_dir,
     own_data,
     preset,
+    stem_from_flags,
 )
 from mnist_resnet.errors import Interrupted, UserError, printable
 
@@ -98,12 +100,19 @@ MODEL_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--depth", "depth", "network depth: 6n+2 (plain blocks) or 9n+2 (bottleneck)"),
     ("--block", "block", "plain or bottleneck"),
     ("--width", "width", "width multiplier of the 16/32/64 channel stages"),
-    ("--stem-stride", "stem_stride", "stride of the 3x3 stem conv: 1, or 2 for 4x cheaper stages"),
+    (
+        "--stem",
+        "stem",
+        "what the picture goes through before the first stage: "
+        + "; ".join(f"{name}: {text}" for name, text in STEMS.items()),
+    ),
 )
-MODEL_SWITCHES: tuple[tuple[str, str, str], ...] = (
-    ("--stem-pool", "stem_pool", "2x2 max-pool after the stem (4x cheaper stages)"),
-    ("--pool-before-norm", "pool_before_norm", "with --stem-pool: pool before the stem's BN/ReLU"),
-    ("--stem-unshuffle", "stem_unshuffle", "2x2 pixels to 4 channels before the stem (14x14)"),
+# The stem's flags of older versions, kept as other spellings of --stem.
+OLD_STEM_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--stem-stride", "stem_stride", "--stem-stride 2 is --stem stride2"),
+    ("--stem-pool", "stem_pool", "--stem pool"),
+    ("--pool-before-norm", "pool_before_norm", "with --stem-pool: --stem pool-first"),
+    ("--stem-unshuffle", "stem_unshuffle", "--stem unshuffle"),
 )
 DATA_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--val-size", "val_size", "training images held out for validation"),
@@ -241,7 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(train, TrainConfig, TRAIN_FLAGS)
     _add_switches(train, TrainConfig, TRAIN_SWITCHES)
     _add_overrides(train, ModelConfig, MODEL_FLAGS)
-    _add_switches(train, ModelConfig, MODEL_SWITCHES)
+    for flag, name, text in OLD_STEM_FLAGS:
+        dest, help_text = f"old_stem.{name}", f"older spelling of {text}"
+        if name == "stem_stride":
+            train.add_argument(flag, dest=dest, type=int, metavar="N", help=help_text)
+        else:
+            train.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
+            )
     _add_overrides(train, DataConfig, DATA_FLAGS)
 
     ev = sub.add_parser("evaluate", help="test accuracy, per-class accuracy, confusion matrix")
@@ -555,6 +571,13 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, D
     """Preset values, then every flag the user gave on top."""
     chosen = preset(args.preset)
     model_cfg = dataclasses.replace(chosen.model, **_overrides(args, ModelConfig))
+    old_stem = {
+        k[len("old_stem.") :]: v for k, v in vars(args).items() if k.startswith("old_stem.")
+    }
+    if any(v is not None for v in old_stem.values()):
+        flags: dict[str, Any] = {k: getattr(model_cfg, k) for k in old_stem}
+        flags.update({k: v for k, v in old_stem.items() if v is not None})
+        model_cfg = dataclasses.replace(model_cfg, stem=stem_from_flags(**flags))
     if args.no_shortcut:
         model_cfg = dataclasses.replace(model_cfg, shortcut=False, zero_init_residual=False)
     train_over = _overrides(args, TrainConfig)

@@ -157,6 +157,56 @@ def blocks_per_stage(depth: int, block: str = "plain") -> int:
     return (depth - 2) // layers_per_block_row
 
 
+# The stem: what the 28x28 picture goes through before the first stage. All but "conv" give every
+# stage a quarter of the pixels (4x fewer FLOPs) for speed recipes (docs/speed.md):
+STEMS = {
+    "conv": "a 3x3 stride-1 conv, BN, ReLU (the paper's CIFAR stem)",
+    # The speed recipe's.
+    "pool": "conv, BN, ReLU, then a 2x2 max-pool",
+    # BN and ReLU (and their backward passes) run on 14x14 instead of 28x28 maps. Max-pool
+    # commutes with ReLU and with BN's per-channel affine map when gamma > 0; only BN's batch
+    # statistics differ.
+    "pool-first": "conv, 2x2 max-pool, then BN and ReLU on the pooled maps",
+    # Unlike the pool it never computes, normalises or stores the full 28x28 map: the pooled
+    # stem spent a quarter of each training step on that map (torch.profiler, fast network,
+    # batch 256).
+    "stride2": "a 3x3 conv of stride 2",
+    # Pixel unshuffle ("space to depth"): no 28x28 map is ever built, and each stem output sees
+    # a 6x6 patch of the image (a stride-2 3x3 conv: 3x3), with nothing discarded by a pool.
+    "unshuffle": "each 2x2 block of pixels to 4 channels, then a 3x3 stride-1 conv",
+}
+
+
+def stem_from_flags(
+    stem_pool: bool = False,
+    pool_before_norm: bool = False,
+    stem_stride: int = 1,
+    stem_unshuffle: bool = False,
+) -> str:
+    """The stem that the four flags of older versions (and their checkpoints) described."""
+    if stem_stride not in (1, 2):
+        raise ConfigError(f"--stem-stride must be 1 or 2, got {stem_stride}")
+    if pool_before_norm and not stem_pool:
+        raise ConfigError("--pool-before-norm only applies with --stem-pool")
+    if stem_unshuffle and (stem_pool or stem_stride != 1):
+        raise ConfigError(
+            "--stem-unshuffle already quarters the pixels: drop --stem-pool / --stem-stride 2"
+        )
+    if stem_pool and stem_stride == 2:
+        # Older versions built this too: a stride-2 conv, then the pool (every stage 7x7).
+        raise ConfigError("--stem-pool with --stem-stride 2 is not one of the stems; choose one")
+    if stem_unshuffle:
+        return "unshuffle"
+    if stem_stride == 2:
+        return "stride2"
+    if stem_pool:
+        return "pool-first" if pool_before_norm else "pool"
+    return "conv"
+
+
+LEGACY_STEM_KEYS = ("stem_pool", "pool_before_norm", "stem_stride", "stem_unshuffle")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # "resnet" (He et al. 2015, CIFAR-style) or "baseline" (the pytorch/examples MNIST CNN).
@@ -171,21 +221,25 @@ class ModelConfig:
     zero_init_residual: bool = False
     in_channels: int = 1
     num_classes: int = 10
-    # 2x2 max-pool after the stem: 4x fewer FLOPs in every stage, for the speed recipe.
-    stem_pool: bool = False
-    # With stem_pool: pool the stem conv's output before its BN and ReLU, so those two (and
-    # their backward passes) run on 14x14 instead of 28x28 maps. Max-pool commutes with ReLU and
-    # with BN's per-channel affine map when gamma > 0; only BN's batch statistics differ.
-    pool_before_norm: bool = False
-    # Stride of the 3x3 stem conv. 2 also gives every stage a quarter of the pixels, and unlike
-    # the pool it never computes, normalises or stores the full 28x28 map: the pooled stem spent
-    # a quarter of each training step on that map (torch.profiler, fast network, batch 256).
-    stem_stride: int = 1
-    # Rearrange each 2x2 block of pixels into 4 channels (pixel unshuffle, "space to depth")
-    # before the stem conv: every stage gets a quarter of the pixels, like the pooled stem,
-    # but no 28x28 map is ever built, and each stem output sees a 6x6 patch of the image
-    # (a stride-2 3x3 conv: 3x3), with nothing discarded by a pool.
-    stem_unshuffle: bool = False
+    # What happens to the picture before the first stage: one of STEMS.
+    stem: str = "conv"
+
+    # The stem's parts, as the network builder reads them.
+    @property
+    def stem_pool(self) -> bool:
+        return self.stem in ("pool", "pool-first")
+
+    @property
+    def pool_before_norm(self) -> bool:
+        return self.stem == "pool-first"
+
+    @property
+    def stem_stride(self) -> int:
+        return 2 if self.stem == "stride2" else 1
+
+    @property
+    def stem_unshuffle(self) -> bool:
+        return self.stem == "unshuffle"
 
     def validate(self) -> None:
         if self.arch not in ("resnet", "baseline"):
@@ -196,14 +250,8 @@ class ModelConfig:
             raise ConfigError(f"--width must be in (0, {MAX_WIDTH:g}], got {self.width}")
         if self.depth > MAX_DEPTH:
             raise ConfigError(f"--depth must be at most {MAX_DEPTH}, got {self.depth}")
-        if self.stem_stride not in (1, 2):
-            raise ConfigError(f"--stem-stride must be 1 or 2, got {self.stem_stride}")
-        if self.pool_before_norm and not self.stem_pool:
-            raise ConfigError("--pool-before-norm only applies with --stem-pool")
-        if self.stem_unshuffle and (self.stem_pool or self.stem_stride != 1):
-            raise ConfigError(
-                "--stem-unshuffle already quarters the pixels: drop --stem-pool / --stem-stride 2"
-            )
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
         if not 1 <= self.in_channels <= 4 or not 2 <= self.num_classes <= MAX_CLASSES:
             raise ConfigError(
                 f"in_channels must be 1-4 and num_classes 2-{MAX_CLASSES}, got "
@@ -335,7 +383,7 @@ PRESETS: dict[str, Preset] = {
     # Speed recipe: the stem's 2x2 max-pool makes every stage 4x cheaper (docs/speed.md).
     "fast": Preset(
         "ResNet-14 with a pooled stem, batch 256, 2 epochs: the speed recipe",
-        ModelConfig(depth=14, stem_pool=True),
+        ModelConfig(depth=14, stem="pool"),
         TrainConfig(batch_size=256, lr=0.4),
     ),
     # Accuracy recipe: the default network trained 7.5x longer on digits that are also slightly
@@ -354,7 +402,7 @@ PRESETS: dict[str, Preset] = {
     # run on a CPU too, but were not tuned there; nor, yet, measured on a GPU.
     "fast-gpu": Preset(
         "fast for a GPU: ResNet-14 with a pooled stem, batch 512, lr 0.8, 3 epochs",
-        ModelConfig(depth=14, stem_pool=True),
+        ModelConfig(depth=14, stem="pool"),
         TrainConfig(epochs=3, batch_size=512, lr=0.8, test_batch_size=5000, log_interval=50),
     ),
     "best-gpu": Preset(
@@ -499,6 +547,8 @@ def from_dict(cls: type[T], values: object) -> T:
         raise ConfigError(
             f"{cls.__name__}: expected a mapping of settings, got {type(values).__name__}"
         )
+    if cls is ModelConfig and "stem" not in values:
+        values = _stem_of_old_config(values)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in values:
@@ -510,3 +560,13 @@ def from_dict(cls: type[T], values: object) -> T:
             raise ConfigError(f"{cls.__name__}.{f.name}: expected {f.type}, got {value!r:.40}")
         kwargs[f.name] = float(cast(float, value)) if str(f.type) == "float" else value
     return cls(**kwargs)
+
+
+def _stem_of_old_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A model config saved before `stem` was one choice: its four flags become that choice."""
+    flags = {k: values[k] for k in LEGACY_STEM_KEYS if k in values}
+    for key, value in flags.items():
+        allowed = int if key == "stem_stride" else bool
+        if not isinstance(value, allowed) or (allowed is int and isinstance(value, bool)):
+            raise ConfigError(f"ModelConfig.{key}: expected {allowed.__name__}, got {value!r:.40}")
+    return {**values, "stem": stem_from_flags(**flags)}
