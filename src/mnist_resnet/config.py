@@ -2,6 +2,9 @@
 
 The CLI, the docs and the tests read defaults from here; every checkpoint stores the three
 configs as plain dicts so a model can always be rebuilt from its file alone.
+
+Over 500 lines because it is that one home: every setting with its reason, the presets, and
+each config's checks of its values; split, a default would again live apart from its check.
 """
 
 from __future__ import annotations

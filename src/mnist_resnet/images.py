@@ -23,6 +23,9 @@ kept, anti-aliased, then placed in a 28x28 frame so that its centre of mass is t
 
 Beside it, `fashion_style` rebuilds Fashion-MNIST's own recipe for photos of products (what a
 Fashion-MNIST model expects), and `resize_plain` only resizes; `prepare_image` picks one.
+
+Over 500 lines because it is one pipeline read in the order above, each step a small function
+with the measurement that set its constant; the steps share the helpers for ink and background.
 """
 
 from __future__ import annotations
