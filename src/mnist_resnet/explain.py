@@ -28,7 +28,10 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from mnist_resnet.checkpoint import LoadedModel
+from mnist_resnet.errors import printable
+from mnist_resnet.images import ImageError, load_image, prepare_image
 from mnist_resnet.inference import to_float
+from mnist_resnet.predict import expand_inputs
 
 # Integration steps (Gauss-Legendre quadrature, Captum's default). A ReLU network's path
 # integral converges slowly: the gap between the attributions' sum and the logit's change
@@ -288,7 +291,9 @@ def as_record(explanation: Explanation, class_names: Sequence[str]) -> dict[str,
                 "class": class_names[c],
                 "index": c,
                 "probability": round(p, 6),
-                "attribution": [[round(float(v), 5) for v in row] for row in e.attributions[j]],
+                "attribution": [
+                    [round(float(v), 5) + 0.0 for v in row] for row in e.attributions[j]
+                ],
                 "completeness_gap": round(g, 6),
             }
             for j, (c, p, g) in enumerate(zip(e.classes, e.probabilities, e.gap, strict=True))
@@ -305,3 +310,82 @@ def as_record(explanation: Explanation, class_names: Sequence[str]) -> dict[str,
             for s in e.stages
         ],
     }
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@dataclass
+class FileExplanation:
+    source: str
+    figure: Path | None = None
+    explanation: Explanation | None = None
+    error: str | None = None
+
+
+def explain_files(
+    loaded: LoadedModel,
+    inputs: Sequence[str],
+    out_dir: Path,
+    *,
+    steps: int = STEPS,
+    classes: int = 2,
+) -> list[FileExplanation]:
+    """One figure per input image in `out_dir` (`NNNN-<name>.png`), each prepared as `predict`
+    prepares it; a file that cannot be read is reported and the others still run."""
+    results: list[FileExplanation] = []
+    ready: list[tuple[FileExplanation, NDArray[np.uint8], str]] = []
+    for shown, path in expand_inputs(inputs):
+        result = FileExplanation(shown)
+        results.append(result)
+        if path is None:
+            result.error = "no such file, folder or matching image"
+            continue
+        try:
+            pixels = prepare_image(load_image(path), loaded.data_config.preparation)
+        except ImageError as err:
+            result.error = str(err)
+            continue
+        ready.append((result, pixels, path.stem))
+    if not ready:
+        return results
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = explain(loaded, np.stack([p for _, p, _ in ready]), classes=classes, steps=steps)
+    for n, ((result, _, stem), e) in enumerate(zip(ready, done, strict=True)):
+        result.explanation = e
+        result.figure = out_dir / f"{n:04d}-{stem[:64]}.png"
+        draw(e, loaded.class_names, result.figure)
+    return results
+
+
+def format_files(
+    results: Sequence[FileExplanation], class_names: Sequence[str], *, as_json: bool = False
+) -> str:
+    if as_json:
+        import json
+
+        return json.dumps(
+            [
+                {"file": r.source, "error": r.error}
+                if r.explanation is None
+                else {
+                    "file": r.source,
+                    "figure": str(r.figure),
+                    **as_record(r.explanation, class_names),
+                }
+                for r in results
+            ]
+        )
+    lines = []
+    for r in results:
+        if r.explanation is None:
+            lines.append(printable(f"{r.source}: error: {r.error}"))
+            continue
+        e = r.explanation
+        said = ", ".join(
+            f"{class_names[c]} {p:.1%}" for c, p in zip(e.classes, e.probabilities, strict=True)
+        )
+        lines.append(printable(f"{r.source}: {said} -> {r.figure}"))
+    ok = sum(r.explanation is not None for r in results)
+    lines.append(f"explained {ok} of {len(results)} inputs")
+    return "\n".join(lines)
