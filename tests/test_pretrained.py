@@ -173,7 +173,7 @@ def test_names_recipes_make_target_and_package_data_agree() -> None:
         assert f"package $(PRETRAINED_RUNS)/{name} --name {name}" in makefile
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]["mnist_resnet"]
-    assert {"pretrained/*.pt", "pretrained/*.json"} <= set(data)
+    assert {"pretrained/*.safetensors", "pretrained/*.json"} <= set(data)
 
 
 # ----------------------------------------------------------------------------- shipped files

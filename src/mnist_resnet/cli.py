@@ -35,7 +35,7 @@ from mnist_resnet.errors import Interrupted, UserError, printable
 # The shipped models' names, without importing the package that holds them (it reads files).
 PRETRAINED_NAMES = ("mnist", "fashion-mnist")
 PRETRAINED_DEFAULT = "mnist"
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 # (flag, config field, help) for every flag that overrides a preset value. Types and defaults
 # come from the dataclasses, so the help text can never disagree with the code.
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="PATH",
-        help="an optional checkpoint file first (ending in .pt; without one, the pretrained "
+        help="an optional checkpoint file first (.pt or .safetensors; without one, the pretrained "
         "MNIST model), then image files, folders or globs",
     )
     _add_pretrained(pr)
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="folder for NAME.pt and NAME.json (default: the installed package's)",
+        help="folder for NAME.safetensors and NAME.json (default: the installed package's)",
     )
     pk.add_argument(
         "--data-dir",
@@ -791,7 +791,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mnist_resnet.predict import Predictor, format_results, predict_files
+    from mnist_resnet.predict import Classifier, format_results, predict_files
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
@@ -805,7 +805,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _writable_folder(args.save_preprocessed, "--save-preprocessed")
     model = _model_file(checkpoint, args.pretrained)
     results = predict_files(
-        Predictor.from_checkpoint(model.path),
+        Classifier.from_checkpoint(model.path),
         inputs,
         k=args.top_k,
         save_preprocessed=args.save_preprocessed,
