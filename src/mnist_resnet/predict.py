@@ -22,7 +22,7 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.errors import printable
 from mnist_resnet.images import (
     IMAGE_SIZE,
@@ -196,6 +196,11 @@ def load(
         path = pretrained.weights_path(model)
     else:
         path = Path(model)
+        if not path.exists():
+            raise CheckpointError(
+                f"no shipped model or file named {str(model)!r}: give "
+                f"{' or '.join(pretrained.NAMES)}, or a checkpoint file (.pt or .safetensors)"
+            )
     runtime = Runtime(torch.device(device), None, channels_last=False, precision_note="fp32")
     return Classifier(load_model(path), runtime)
 
