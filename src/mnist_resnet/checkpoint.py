@@ -128,15 +128,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     except Exception as e:
         # The safetensors reader raises its own SafetensorError (and others) for damaged files.
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated, corrupted or foreign): "
-            f"{first_line[:200]}"
-        ) from e
+        raise _unreadable(path, e, "safetensors file") from e
     state: dict[str, Any] = {}
     for key, text in metadata.items():
         try:
@@ -209,8 +203,6 @@ def _read_pickled(path: Path) -> Any:
             # arbitrary objects: advice a user must not follow for a file they did not make.
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was refused: it holds Python objects other than tensors and settings, "
@@ -219,12 +211,19 @@ def _read_pickled(path: Path) -> Any:
     except Exception as e:
         # Damaged files make torch.load fail in many ways (UnpicklingError, RuntimeError,
         # BadZipFile, even AssertionError, found by the hypothesis test): all mean the same.
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a readable mnist-resnet checkpoint (truncated, corrupted or "
-            f"foreign file): {first_line[:200]}"
-        ) from e
+        raise _unreadable(path, e, "mnist-resnet checkpoint") from e
     return state
+
+
+def _unreadable(path: Path, e: Exception, kind: str) -> CheckpointError:
+    """One line for a file its reader failed on: the system's reason, or the reader's first."""
+    if isinstance(e, OSError):
+        return CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}")
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(
+        f"{path} is not a readable {kind} (truncated, corrupted or foreign file): "
+        f"{first_line[:200]}"
+    )
 
 
 def _checked(path: Path, state: Any) -> dict[str, Any]:
