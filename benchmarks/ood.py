@@ -56,7 +56,7 @@ def scores_of(
     """Each method's score (higher: more out of distribution), and the calibrated probabilities."""
     assert loaded.detector is not None
     logits, features = posthoc.logits_and_features(loaded, images, loaded.detector.taps)
-    probs = calibration.calibrated(logits, loaded.temperature)
+    probs = loaded.calibration.apply(logits)
     means, precision = gaussians
     with torch.no_grad():
         detector = loaded.detector(features)
@@ -113,6 +113,7 @@ def measure(name: str, data_dir: Path, other: str, log: Any) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": name,
         "temperature": loaded.temperature,
+        "margin_power": loaded.calibration.margin_power,
         "calibration_fitted_on": loaded.calibration.fitted_on,
         "test": {
             "softmax": calibration.Measures.of(logits.softmax(1), labels).as_dict(),

@@ -15,7 +15,9 @@ from mnist_resnet.calibration import (
     calibrated,
     expected_calibration_error,
     fit,
+    fit_margin,
     fit_temperature,
+    log_margin,
     negative_log_likelihood,
     reliability,
 )
@@ -74,8 +76,65 @@ def test_ece_is_small_for_probabilities_that_are_true() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw", [None, {}, {"temperature": 0.0}, {"temperature": float("nan")}, {"temperature": "2"}]
+    "raw",
+    [
+        None,
+        {},
+        {"temperature": 0.0},
+        {"temperature": float("nan")},
+        {"temperature": "2"},
+        {"temperature": 1.0, "margin_power": 3.0},
+        {"temperature": 1.0, "margin_power": float("nan")},
+        {"temperature": 1.0, "margin_power": "0"},
+    ],
 )
 def test_stored_calibration_out_of_range_is_refused(raw: object) -> None:
     with pytest.raises(CalibrationError):
         Calibration.from_dict(raw)
+
+
+def _sampled_by_margin(t0: float, b: float, n: int = 40_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels drawn from softmax(logits / (t0 * margin ** b)): a model over-confident on close
+    calls when b < 0, the Fashion-MNIST model's case."""
+    g = torch.Generator().manual_seed(1)
+    logits = 3.0 * torch.randn(n, 10, generator=g)
+    probs = calibrated(logits, t0, b)
+    return logits, torch.multinomial(probs, 1, generator=g).squeeze(1)
+
+
+@pytest.fixture(scope="module")
+def margin_case() -> tuple[torch.Tensor, torch.Tensor, Calibration]:
+    logits, labels = _sampled_by_margin(0.7, -0.3)
+    return logits, labels, fit(logits, labels, "synthetic")
+
+
+def test_the_margin_power_and_temperature_the_labels_were_drawn_with_are_found(
+    margin_case: tuple[torch.Tensor, torch.Tensor, Calibration],
+) -> None:
+    logits, labels, done = margin_case
+    # 40,000 draws: both within a few standard errors, far from plain scaling's b = 0.
+    assert done.margin_power == pytest.approx(-0.3, abs=0.06)
+    assert done.temperature == pytest.approx(0.7, rel=0.08)
+    assert fit_margin(logits[:2000], labels[:2000])[1] < 0
+
+
+def test_the_margin_fit_beats_one_temperature_where_one_is_not_enough_and_keeps_the_ranking(
+    margin_case: tuple[torch.Tensor, torch.Tensor, Calibration],
+) -> None:
+    logits, labels, done = margin_case
+    plain = calibrated(logits, fit_temperature(logits, labels))
+    assert done.nll_after is not None
+    assert done.nll_after < negative_log_likelihood(plain, labels)
+    assert torch.equal(done.apply(logits).argmax(1), logits.argmax(1))
+    assert Calibration.from_dict(done.as_dict()) == done
+    assert "margin" in done.describe()
+
+
+def test_without_a_margin_power_it_is_plain_temperature_scaling() -> None:
+    logits, _ = _sampled(1.0, n=100)
+    old = Calibration.from_dict({"temperature": 0.5, "method": "temperature scaling"})
+    assert old.margin_power == 0.0
+    torch.testing.assert_close(old.apply(logits), (logits / 0.5).softmax(1))
+    # A tie between the top two classes is a tiny margin, not log(0).
+    assert torch.isfinite(log_margin(torch.zeros(2, 10))).all()
+    assert torch.isfinite(calibrated(torch.zeros(2, 10), 1.0, -0.5)).all()

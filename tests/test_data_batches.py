@@ -127,6 +127,24 @@ def test_random_erase_blanks_one_square_per_image() -> None:
     assert data.random_erase(x, torch.Generator(), 0) is x
 
 
+def test_random_flip_mirrors_about_half_and_only_when_asked() -> None:
+    x = torch.randint(0, 256, (400, 1, 28, 28), dtype=torch.uint8)
+    out = data.random_flip(x, torch.Generator().manual_seed(0))
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x, strict=True)])
+    assert bool((mirrored ^ kept).all())  # each image one or the other, never changed otherwise
+    assert 140 <= int(mirrored.sum()) <= 260  # 200 expected; 6 standard deviations either way
+    # Off (the default), the batch and the generator's stream are what they always were.
+    cfg = DataConfig(max_shift=2)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a = data.training_batch(x, cfg, g1, 0.1, 0.3)
+    b = data.training_batch(x, dataclasses.replace(cfg, flip=True), g2, 0.1, 0.3)
+    assert not torch.equal(a, b)
+    g3 = torch.Generator().manual_seed(4)
+    expected = to_float(data.augment_batch(x, g3, 2), 0.1, 0.3)
+    assert torch.equal(a, expected) and torch.equal(g1.get_state(), g3.get_state())
+
+
 def test_training_batch_applies_what_the_config_asks() -> None:
     x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8)
     plain = data.training_batch(x, DataConfig(augment=False), torch.Generator(), 0.1, 0.3)

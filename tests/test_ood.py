@@ -119,15 +119,16 @@ def test_calibration_travels_in_the_checkpoint_and_is_checked(
 ) -> None:
     plain, done = load_model(small_checkpoint), load_model(calibrated_checkpoint)
     assert plain.temperature == 1.0 and plain.detector is None
-    assert done.calibration.method == "temperature scaling" and done.detector is not None
+    assert done.calibration.method == "margin temperature scaling" and done.detector is not None
     assert done.calibration.nll_after is not None and done.calibration.nll_before is not None
     assert done.calibration.nll_after <= done.calibration.nll_before
     # An edited temperature no longer matches the checkpoint's recorded digest.
     state = torch.load(calibrated_checkpoint, weights_only=True)
-    state["calibration"]["temperature"] = 3.0
-    torch.save(state, tmp_path / "edited.pt")
-    with pytest.raises(CheckpointError, match="checksum"):
-        load_model(tmp_path / "edited.pt")
+    for key, value in (("temperature", 3.0), ("margin_power", 0.5)):
+        edited = {**state, "calibration": {**state["calibration"], key: value}}
+        torch.save(edited, tmp_path / "edited.pt")
+        with pytest.raises(CheckpointError, match="checksum"):
+            load_model(tmp_path / "edited.pt")
 
 
 def test_predict_json_says_how_sure_it_is(
@@ -254,7 +255,7 @@ def test_the_calibrate_command_writes_a_calibrated_copy(
     assert main(argv) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     loaded = load_model(out)
-    assert loaded.calibration.method == "temperature scaling" and loaded.detector is not None
+    assert loaded.calibration.method == "margin temperature scaling" and loaded.detector is not None
     assert load_model(small_checkpoint).detector is None  # the original is left as it was
     assert main(["calibrate", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
@@ -279,7 +280,7 @@ def test_torchscript_export_carries_the_temperature_and_the_detector(
         module = torch.jit.load(str(out))
     with torch.no_grad():
         logits, probs, score = module(x)
-        torch.testing.assert_close(probs, (logits / loaded.temperature).softmax(1))
+        torch.testing.assert_close(probs, loaded.calibration.apply(logits))
         torch.testing.assert_close(score, scored(x)[2], atol=1e-4, rtol=1e-5)
         # Running the bare network leaves nothing behind in the wrapper's feature list.
         loaded.model(x)

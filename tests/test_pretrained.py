@@ -161,7 +161,9 @@ def test_without_a_checkpoint_the_commands_use_the_shipped_model_and_say_so(
     report = capsys.readouterr().out
     assert "test accuracy:" in report and (out / "confusion.png").is_file()
     # The shipped model's temperature (from its metadata) and the reliability diagram.
-    assert "calibration: temperature scaling" in report and (out / "reliability.png").is_file()
+    assert (
+        "calibration: margin temperature scaling" in report and (out / "reliability.png").is_file()
+    )
     assert re.search(r"^  calibrated +\d+\.\d+% ", report, re.MULTILINE)
 
 

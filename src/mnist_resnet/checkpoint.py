@@ -288,7 +288,7 @@ class LoadedModel:
 
     def scored(self) -> Scored:
         """The network with its calibration and detector (for serving and export)."""
-        return Scored(self.model, self.temperature, self.detector)
+        return Scored(self.model, self.calibration, self.detector)
 
     @property
     def trained_amp(self) -> bool | None:

@@ -237,6 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-augment", action="store_true", help="disable all augmentation")
     train.add_argument(
+        "--flip",
+        dest="DataConfig.flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mirror half the training images left to right: for clothes, never digits "
+        "(default: off, or the preset's)",
+    )
+    train.add_argument(
         "--no-shortcut", action="store_true", help="remove the skip connections (plain net)"
     )
     _add_data_options(train)

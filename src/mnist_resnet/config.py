@@ -73,9 +73,12 @@ class DataConfig:
     augment: bool = True
     max_shift: int = 2
     # Random rotation up to +/- `rotate` degrees and zoom by up to +/- `scale` (0 = off). Kept
-    # small on purpose: a large rotation turns a 6 into a 9, and flips are never applied.
+    # small on purpose: a large rotation turns a 6 into a 9.
     rotate: float = 0.0
     scale: float = 0.0
+    # Mirror half the training images left to right. For clothes, whose mirror image is another
+    # garment of the same class; never for digits and letters, whose mirror image is not one.
+    flip: bool = False
     # Cutout: side in pixels of one blanked square per training image (0 = off).
     erase: int = 0
     # Elastic distortion (Simard et al. 2003): a random displacement field smoothed by a

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from mnist_resnet import data
-from mnist_resnet.calibration import calibrated
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.config import ConfigError, TrainConfig
 from mnist_resnet.inference import predict_logits
@@ -64,7 +63,7 @@ def predict_proba(
             batch_size=batch_size,
         )
         # Each member's own calibration (docs/calibration.md): 1 for a file without one.
-        total = total + calibrated(logits, member.temperature)
+        total = total + member.calibration.apply(logits)
     return total / len(views)
 
 

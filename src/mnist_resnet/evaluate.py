@@ -178,16 +178,13 @@ def evaluate_checkpoint(
     labels = splits.test_labels.cpu().long()
     # The probabilities a user sees are softmax(logits / T); T = 1 is the raw softmax.
     logits = result.probabilities.clamp_min(1e-30).log().double()
-    temperature = loaded.temperature
+    cal = loaded.calibration
     before = calibration.Measures.of(result.probabilities, labels)
-    after = calibration.Measures.of(calibration.calibrated(logits, temperature), labels)
+    after = calibration.Measures.of(cal.apply(logits), labels)
     plots.reliability_diagram(
         [
             ("softmax (T = 1)", calibration.reliability(result.probabilities, labels)),
-            (
-                f"calibrated (T = {temperature:.3f})",
-                calibration.reliability(calibration.calibrated(logits, temperature), labels),
-            ),
+            (f"calibrated ({cal.describe()})", calibration.reliability(cal.apply(logits), labels)),
         ],
         out / "reliability.png",
     )
@@ -202,7 +199,7 @@ def evaluate_checkpoint(
             format_report(result, names),
             f"figures: {out / 'confusion.png'}, {out / 'misclassified.png'} "
             f"({shown} of {wrong} misclassified shown), {out / 'reliability.png'}",
-            f"calibration: {loaded.calibration.method}, T = {temperature:.4f}"
+            f"calibration: {cal.method}, {cal.describe()}"
             + (
                 f", fitted on the {loaded.calibration.fitted_on}"
                 if loaded.calibration.fitted_on

@@ -103,8 +103,10 @@ def preprocessing_contract(loaded: LoadedModel) -> dict[str, Any]:
         "std": loaded.std,
         "output_kind": "logits (apply softmax for probabilities)",
         "outputs": list(SCORED_OUTPUTS),
-        "probabilities": "softmax(logits / temperature): calibrated (docs/calibration.md)",
+        "probabilities": "softmax(logits / T), T = temperature * (top logit - runner-up) ** "
+        "margin_power: calibrated (docs/calibration.md)",
         "temperature": loaded.temperature,
+        "margin_power": loaded.calibration.margin_power,
         "ood_score": "higher: less like the training images; above ood_threshold: not a class",
         "ood_threshold": None if loaded.detector is None else loaded.detector.threshold,
         "class_names": list(loaded.class_names),

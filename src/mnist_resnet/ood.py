@@ -177,10 +177,10 @@ class Scored(nn.Module):
     What serving and export run; without a detector the score is 0 and nothing is flagged.
     """
 
-    def __init__(self, net: nn.Module, temperature: float, detector: Detector | None) -> None:
+    def __init__(self, net: nn.Module, calibration: Calibration, detector: Detector | None) -> None:
         super().__init__()
         self.net = net
-        self.temperature = float(temperature)
+        self.calibration = calibration
         self.detector = detector
         self._features: list[Tensor] = []
         # The hooks stay on `net`, which others may run too (export times the bare network):
@@ -202,7 +202,7 @@ class Scored(nn.Module):
             logits = self.net(x)
         finally:
             self._active = False
-        probabilities = F.softmax(logits / self.temperature, dim=1)
+        probabilities = self.calibration.apply(logits)
         if self.detector is None:
             score = torch.zeros_like(logits[:, 0])
         else:

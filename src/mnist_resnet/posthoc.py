@@ -149,9 +149,6 @@ def calibrate_shipped(weights: Path, *, data_dir: Path, log: Log = print) -> ood
     save_checkpoint(weights, state)
     meta.update(metadata_record(fitted), bytes=weights.stat().st_size, sha256=hash_file(weights))
     if isinstance(meta.get("card"), dict):
-        meta["card"]["calibration"] = {
-            key: meta["calibration"].get(key)
-            for key in ("method", "temperature", "fitted_on", "nll_before", "nll_after")
-        }
+        meta["card"]["calibration"] = dict(meta["calibration"])
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return fitted

@@ -22,6 +22,7 @@ from mnist_resnet.data.batches import (
     epoch_indices,
     random_affine,
     random_erase,
+    random_flip,
     training_batch,
 )
 from mnist_resnet.data.cache import verify
@@ -91,6 +92,7 @@ __all__ = [
     "prepare_data",
     "random_affine",
     "random_erase",
+    "random_flip",
     "raw_dir",
     "read_idx",
     "read_images",

@@ -142,6 +142,13 @@ def random_erase(x: Tensor, generator: torch.Generator, size: int, fill: float =
     return x.masked_fill_(hide.unsqueeze(1), fill)
 
 
+def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image of `x` (N, C, H, W) mirrored left to right with probability 1/2."""
+    g = generator
+    mirror = torch.rand(x.shape[0], generator=g, device=g.device).to(x.device) < 0.5
+    return torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def training_batch(
     images_u8: Tensor, cfg: DataConfig, generator: torch.Generator, mean: float, std: float
 ) -> Tensor:
@@ -152,6 +159,8 @@ def training_batch(
     """
     if cfg.augment:
         images_u8 = augment_batch(images_u8, generator, cfg.max_shift)
+        if cfg.flip:
+            images_u8 = random_flip(images_u8, generator)
     x = to_float(images_u8, mean, std)
     if not cfg.augment:
         return x
