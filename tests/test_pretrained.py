@@ -101,7 +101,7 @@ def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path
 def test_a_failed_packaging_leaves_the_previous_files(
     shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = {"mnist.pt": b"the previous weights", "mnist.json": b'{"sha256": "previous"}'}
+    old = {"mnist.safetensors": b"the previous weights", "mnist.json": b'{"sha256": "previous"}'}
     for name, content in old.items():
         (tmp_path / name).write_bytes(content)
 
