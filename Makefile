@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 ARGS ?=
-LINTED := $(wildcard src tests benchmarks)
+LINTED := $(wildcard src tests benchmarks hubconf.py)
 
 .PHONY: train test lint install install-dev bench accuracy pretrained clean
 

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,10 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "isa": isa,
+        # The CPU kinds the docs quote speed for: AMX Xeon, AVX-512 Xeon without it, EPYC.
+        "amx": "amx_bf16" in isa,
+        "avx512_bf16": "avx512_bf16" in isa,
+        "load_average_at_start": list(os.getloadavg()),
         "cores": available_cpus(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -209,17 +214,39 @@ sys.exit(code)
 """
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy since boot (all cores, every process)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# A run during which other processes kept more than this many cores busy, on average, timed
+# the machine's other work as much as ours: its figures are marked and the run warns.
+BUSY_CORES = 0.15
+
+
 def run_training(argv: list[str], data_dir: str, runs_dir: Path, name: str) -> dict[str, Any]:
-    """One `mnist-resnet train` in a child process: wall time, peak RSS, per-epoch metrics."""
+    """One `mnist-resnet train` in a child process: wall time, peak RSS, per-epoch metrics,
+    the precision the probe chose, and how busy the rest of the machine was meanwhile."""
     cmd = [sys.executable, "-c", _CHILD, "train", *argv]
     cmd += ["--data-dir", data_dir, "--runs-dir", str(runs_dir), "--name", name]
     # Checkpoints are saved as in a plain run; the per-epoch test evaluation that the
     # time-to-accuracy figures need is timed by the trainer and taken out of the wall time.
     cmd += ["--eval-test-every-epoch"]
+    busy, ours = busy_cpu_seconds(), children_cpu_seconds()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = proc.communicate()
     wall = time.perf_counter() - start
+    # Whatever the machine did besides this run (and this process, which only waits).
+    others = max(0.0, (busy_cpu_seconds() - busy) - (children_cpu_seconds() - ours)) / wall
+    precision = next((ln for ln in output.splitlines() if ln.startswith("precision:")), "")
     peak_kb = [int(line.split()[1]) for line in output.splitlines() if line.startswith("VmHWM_kB")]
     if proc.returncode != 0:
         raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n{output}")
@@ -244,6 +271,11 @@ def run_training(argv: list[str], data_dir: str, runs_dir: Path, name: str) -> d
         "epoch_test_accuracy": [1 - r["test_error"] for r in rows],
         "train_seconds_to": reached,
         "images_per_second": statistics.median(r["images_per_second"] for r in rows),
+        "precision": precision.removeprefix("precision:").strip(),
+        "bf16": precision.removeprefix("precision:").strip().startswith("bf16"),
+        "other_processes_cores": others,
+        "load_average_after": list(os.getloadavg()),
+        "machine_was_busy": others > BUSY_CORES,
     }
 
 
@@ -376,11 +408,21 @@ def main() -> int:
                 runs.append(run)
                 print(
                     f"{name}: test {run['final_test_accuracy']:.2%}, "
-                    f"wall {run['wall_seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB"
+                    f"wall {run['wall_seconds']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+                    f"{run['precision'].split(':')[0]}"
                 )
+                if run["machine_was_busy"]:
+                    print(
+                        f"warning: other processes kept {run['other_processes_cores']:.2f} cores "
+                        f"busy during {name}: its time is not an idle machine's"
+                    )
             recipes[recipe] = {"argv": RECIPES[recipe], "runs": runs, **summarize(runs)}
 
     report: dict[str, Any] = {"machine": info, "matmul_peak_flops": peaks}
+    all_runs = [run for r in recipes.values() for run in r["runs"]]
+    report["machine_was_busy"] = any(run["machine_was_busy"] for run in all_runs) or (
+        info["load_average_at_start"][0] > BUSY_CORES * 4
+    )
     report["throughput_resnet20"] = speed
     report["throughput_fast_model"] = fast_speed
     report["onnxruntime_eval_images_per_s"] = onnx_eval
@@ -420,6 +462,13 @@ def print_table(report: dict[str, Any]) -> None:
     ratio = report.get("fast_to_99.5_over_examples_to_99.0")
     if ratio:
         print(f"\nfast time-to-99.5% / pytorch-examples time-to-99.0%: {ratio:.2f}")
+    m = report["machine"]
+    kind = "AMX" if m["amx"] else "AVX-512-BF16" if m["avx512_bf16"] else "no bf16 instructions"
+    print(
+        f"machine: {m['cpu']} ({kind}), load average at start {m['load_average_at_start'][0]:.2f}"
+    )
+    if report.get("machine_was_busy"):
+        print("warning: the machine was busy during this benchmark; its times mean little")
 
 
 if __name__ == "__main__":

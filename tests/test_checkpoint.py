@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,14 @@ import torch
 from mnist_resnet.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    config_digest,
     latest_loadable,
     load_checkpoint,
     load_model,
     save_checkpoint,
+    weights_digest,
 )
+from mnist_resnet.cli import main
 from mnist_resnet.config import DataConfig, ModelConfig, to_dict
 from mnist_resnet.model import build_model
 
@@ -116,3 +121,120 @@ def test_latest_loadable_skips_corrupt(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00" * 10)
     found = latest_loadable([good, bad])
     assert found is not None and found[0] == good
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def _calibrated_state() -> dict[str, object]:
+    return {**_state(), "calibration": {"temperature": 0.5, "method": "temperature scaling"}}
+
+
+def test_safetensors_round_trip_without_pickle(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = {**_calibrated_state(), "optimizer": {"state": {}, "param_groups": []}}
+    pt, st = tmp_path / "best.pt", tmp_path / "best.safetensors"
+    save_checkpoint(pt, dict(state))
+    save_checkpoint(st, dict(state))
+    assert st.read_bytes()[8:9] == b"{" and b"optimizer" not in st.read_bytes()[:4096]
+    # The tensors are the plain state dict: the safetensors library alone loads them.
+    plain = load_file(st)
+    assert plain.keys() == state["model"].keys()  # type: ignore[attr-defined]
+    net = build_model(ModelConfig(depth=20, width=0.25))
+    net.load_state_dict(plain)
+    # Through mnist-resnet: the same state as the .pt (less what only a resume needs), the
+    # same checks passed, the same logits.
+    got, want = load_checkpoint(st), load_checkpoint(pt)
+    assert "optimizer" not in got and got["config"] == want["config"]
+    assert got["weights_sha256"] == want["weights_sha256"]
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_model(st).model(x), load_model(pt).model(x))
+    assert load_model(st).temperature == 0.5
+    # Told apart by content, not by name.
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(st.read_bytes())
+    assert load_checkpoint(renamed)["epoch"] == 3
+
+
+def _rewritten(path: Path, edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None]) -> None:
+    """`path` written again with its tensors and header metadata changed by `edit`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors, metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _deeper(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    config = json.loads(metadata["config"])
+    config["model"]["depth"] = 32
+    metadata["config"] = json.dumps(config)
+
+
+def _not_json(_: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    metadata["normalization"] = "{'mean': 0.1"
+
+
+def _no_checksums(_: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    del metadata["weights_sha256"], metadata["config_sha256"]
+
+
+def _resized_with_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    # Someone who also recomputed the checksums: the shapes no longer fit the config.
+    tensors["fc.weight"] = torch.zeros(10, 7)
+    state = {k: json.loads(v) for k, v in metadata.items()}
+    metadata["weights_sha256"] = json.dumps(weights_digest(tensors))
+    metadata["config_sha256"] = json.dumps(config_digest(state))
+
+
+def _foreign(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    metadata.clear()  # a state dict saved by someone else's code
+
+
+def _edited_weights(tensors: dict[str, torch.Tensor], _: dict[str, str]) -> None:
+    tensors["fc.bias"] = tensors["fc.bias"] + 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_deeper, "its config does not match its recorded checksum"),
+        (_not_json, "metadata entry 'normalization' is not JSON"),
+        (_no_checksums, "its checksums are missing"),
+        (_resized_with_checksums, "weights do not fit the saved model config"),
+        (_foreign, "is not an mnist-resnet checkpoint"),
+        (_edited_weights, "weights do not match their recorded checksum"),
+    ],
+)
+def test_hostile_safetensors_are_one_line_errors(
+    tmp_path: Path,
+    edit: Callable[[dict[str, torch.Tensor], dict[str, str]], None],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, _calibrated_state())
+    _rewritten(path, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+    # The commands say it in one line, exit 2.
+    capsys.readouterr()
+    assert main(["predict", str(path), str(tmp_path / "any.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.split("'")[0] in err
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.5, 0.99])
+def test_truncated_safetensors_is_one_line_error(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, _calibrated_state())
+    payload = path.read_bytes()
+    path.write_bytes(payload[: int(len(payload) * keep)])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)

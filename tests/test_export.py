@@ -66,3 +66,23 @@ def test_torchscript_export_and_user_errors(
     assert main(["export", str(small_checkpoint), "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_safetensors_export_reloads_to_the_same_answers(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mnist_resnet.cli import EXPORT_FORMATS
+    from mnist_resnet.export import FORMATS
+
+    assert EXPORT_FORMATS == FORMATS
+    out = tmp_path / "model.safetensors"
+    argv = ["export", str(small_checkpoint), "--format", "safetensors", "--out", str(out)]
+    assert main([*argv, "--data-dir", str(mnist_root)]) == 0
+    assert "safetensors parity: max |diff| 0.0e+00, 0 of 1000" in capsys.readouterr().out
+    original, exported = load_model(small_checkpoint), load_model(out)
+    assert exported.state["config"] == original.state["config"]
+    assert exported.temperature == original.temperature
+    assert "optimizer" not in exported.state and out.read_bytes()[8:9] == b"{"
+    # predict takes it like any checkpoint.
+    assert main(["predict", str(out), str(tmp_path / "missing.png")]) == 1
+    assert "missing.png: error" in capsys.readouterr().out

@@ -545,7 +545,7 @@ def test_damaged_metadata_of_a_shipped_model_is_listed_without_it(
     folder = tmp_path / "package"
     folder.mkdir()
     for name in pretrained.NAMES:
-        shutil.copy(pretrained.FOLDER / f"{name}.pt", folder)
+        shutil.copy(pretrained.FOLDER / f"{name}{pretrained.SUFFIX}", folder)
     (folder / "mnist.json").write_text('{"classes": 5, "bytes": "many", "recipe": ["x"]}')
     (folder / "fashion-mnist.json").write_text('{"classes": ["T-shirt\\u001b[2J", "Trouser\\n"]}')
     monkeypatch.setattr(pretrained, "FOLDER", folder)

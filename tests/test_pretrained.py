@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -79,6 +81,15 @@ def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
         r"\d{4}-\d\d-\d\d", meta["trained"]
     )
     assert state["pretrained"]["command"] == meta["command"]
+    # One self-contained file without pickle: calibration and detector inside, as in the JSON.
+    assert packaged.path.suffix == ".safetensors" and packaged.path.read_bytes()[8:9] == b"{"
+    assert state["calibration"] == meta["calibration"]
+    assert load_model(packaged.path).detector is not None
+    card = meta["card"]
+    assert card["test_accuracy"] == meta["fp32_cpu_test_accuracy"]
+    assert card["calibration"]["temperature"] == meta["calibration"]["temperature"]
+    assert card["speed"]["prepared_28x28_ms"] > 0 and card["speed"]["threads"] == 1
+    assert "lowest validation error" in card["selection"]
 
 
 def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path: Path) -> None:
@@ -90,7 +101,7 @@ def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path
 def test_a_failed_packaging_leaves_the_previous_files(
     shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    old = {"mnist.pt": b"the previous weights", "mnist.json": b'{"sha256": "previous"}'}
+    old = {"mnist.safetensors": b"the previous weights", "mnist.json": b'{"sha256": "previous"}'}
     for name, content in old.items():
         (tmp_path / name).write_bytes(content)
 
@@ -175,7 +186,7 @@ def test_names_recipes_make_target_and_package_data_agree() -> None:
         assert f"package $(PRETRAINED_RUNS)/{name} --name {name}" in makefile
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     data = pyproject["tool"]["setuptools"]["package-data"]["mnist_resnet"]
-    assert {"pretrained/*.pt", "pretrained/*.json"} <= set(data)
+    assert {"pretrained/*.safetensors", "pretrained/*.json"} <= set(data)
 
 
 # ----------------------------------------------------------------------------- shipped files
@@ -237,3 +248,72 @@ def test_the_shipped_mnist_model_is_as_accurate_as_its_metadata_says(mnist_root:
     # are the cleaner, easier half (LeCun's notes), so its first 2,000 do no worse than that,
     # less half a point for chance in a sample this size.
     assert accuracy >= pretrained.metadata("mnist")["fp32_cpu_test_accuracy"] - 0.005
+
+
+CARD_FIELDS = (
+    "model",
+    "data",
+    "recipe",
+    "command",
+    "selection",
+    "test_accuracy",
+    "calibration",
+    "speed",
+    "intended_use",
+    "limits",
+)
+
+
+def test_no_pickle_ships_and_each_file_is_small() -> None:
+    files = sorted(p.name for p in pretrained.FOLDER.iterdir() if p.suffix != ".py")
+    names = [
+        f"{n}{suffix}" for n in sorted(pretrained.SHA256) for suffix in (".json", ".safetensors")
+    ]
+    assert files == sorted(names), "only .safetensors and their .json ship"
+    assert all((pretrained.FOLDER / f).stat().st_size <= 10_000_000 for f in files)
+
+
+@pytest.mark.parametrize("name", pretrained.NAMES)
+def test_a_shipped_file_opens_with_the_safetensors_library_alone(name: str) -> None:
+    path = _pinned(name)
+    code = f"""
+import json, sys
+from safetensors import safe_open
+from safetensors.torch import load_file
+weights = load_file({str(path)!r})
+with safe_open({str(path)!r}, framework="pt") as f:
+    meta = f.metadata()
+config = json.loads(meta["config"])
+print(len(weights), config["model"]["depth"], json.loads(meta["calibration"])["temperature"])
+print("mnist_resnet" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    counts, imported = done.stdout.splitlines()
+    loaded = load_model(path, fold=False)
+    assert imported == "False"
+    assert counts.split() == [
+        str(len(loaded.state["model"])),
+        str(loaded.model_config.depth),
+        str(loaded.temperature),
+    ]
+
+
+@pytest.mark.parametrize("name", pretrained.NAMES)
+def test_each_model_card_says_what_its_file_holds(name: str) -> None:
+    path = _pinned(name)
+    meta = pretrained.metadata(name)
+    card = meta["card"]
+    assert set(CARD_FIELDS) <= set(card)
+    loaded = load_model(path)
+    assert card["calibration"]["temperature"] == loaded.temperature
+    assert card["test_accuracy"] == meta["fp32_cpu_test_accuracy"]
+    assert card["command"] == pretrained.RECIPES[name].command
+    assert card["limits"] == list(pretrained.RECIPES[name].limits) and card["intended_use"]
+    # docs/models.md shows the same numbers, in the section of this model.
+    models = (REPO / "docs" / "models.md").read_text(encoding="utf-8")
+    section = models.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+    assert f"{card['test_accuracy']:.2%}" in section
+    assert f"{card['calibration']['temperature']:.3f}" in section
+    assert f"{card['speed']['prepared_28x28_ms']:.1f} ms" in section
+    assert meta["sha256"] in section and card["command"] in section

@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "serve_load.py"
-SHIPPED = REPO / "src" / "mnist_resnet" / "pretrained" / "mnist.pt"
+SHIPPED = REPO / "src" / "mnist_resnet" / "pretrained" / "mnist.safetensors"
 
 
 def _alive(pid: int) -> bool:

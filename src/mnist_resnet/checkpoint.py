@@ -3,10 +3,18 @@
 A checkpoint is a plain dict of tensors and primitives, loadable with `weights_only=True`, so
 opening a file from elsewhere cannot run code. It always carries the three configs and the data
 hashes, so the model can be rebuilt and its provenance checked from the file alone.
+
+The same state can be written as `.safetensors` (no pickle at all): the tensors are the plain
+model's state dict, loadable by `safetensors.torch.load_file` alone, and every other entry of
+the state (configs, normalisation, class names, calibration, detector, checksums) is JSON in the
+header's metadata, one entry per key. Only what inference needs travels there (`INFERENCE_KEYS`:
+no optimizer or resume state). Both forms are read by `load_checkpoint`, told apart by content,
+and pass the same checks.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import math
@@ -26,27 +34,59 @@ from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, from_dict
 from mnist_resnet.errors import UserError
 from mnist_resnet.files import atomic_write, hash_file
 from mnist_resnet.model import build_model, check_size, fold_batchnorm
-from mnist_resnet.ood import Detector, DetectorError, Scored
+from mnist_resnet.ood import Detector, DetectorError, Scored, decode_tensor, encode_tensor
 
 FORMAT = "mnist-resnet"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "config", "model", "epoch")
+# What inference and checkpoint validation read; the rest (optimizer, schedule, weight average,
+# RNG and mid-epoch state) only serves a resume, and stays out of shipped and .safetensors files.
+INFERENCE_KEYS = (
+    "config",
+    "model",
+    "epoch",
+    "data_hashes",
+    "normalization",
+    "class_names",
+    "test",
+    "best",
+    "calibration",
+    "ood",
+    "pretrained",
+)
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointError(UserError):
     """A checkpoint cannot be written or read; the message names the file and the reason."""
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, safetensors: bool | None = None) -> None:
     """Write `state` to `path` atomically: temp file in the same folder, fsync, rename.
 
     A crash at any moment leaves either the old file or the complete new one, never a torn one.
+    `safetensors` (default: when `path` ends in `.safetensors`) writes the safetensors form,
+    which keeps only `INFERENCE_KEYS`.
     """
+    if safetensors is None:
+        safetensors = path.suffix == SAFETENSORS_SUFFIX
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+    if safetensors:
+        state = {
+            k: v for k, v in state.items() if k in ("format", "format_version", *INFERENCE_KEYS)
+        }
     state["weights_sha256"] = weights_digest(state["model"])
     state["config_sha256"] = config_digest(state)
     try:
-        atomic_write(path, lambda f: torch.save(state, f), durable=True)
+        payload = _safetensors_bytes(state) if safetensors else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot write {path} as safetensors: {e}") from e
+    try:
+        atomic_write(
+            path,
+            (lambda f: f.write(payload)) if payload is not None else lambda f: torch.save(state, f),
+            durable=True,
+        )
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from e
     except RuntimeError as e:
@@ -55,6 +95,61 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(
             f"cannot write checkpoint {path}: {why}; the previous checkpoint is intact"
         ) from e
+
+
+def _safetensors_bytes(state: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    meta = dict(state)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in meta.pop("model").items()}
+    if isinstance(meta.get("ood"), dict):
+        ood = dict(meta["ood"])
+        ood["tensors"] = {k: encode_tensor(v) for k, v in ood.get("tensors", {}).items()}
+        meta["ood"] = ood
+    # allow_nan=False: the header must be JSON that any reader parses.
+    return save(tensors, {k: json.dumps(v, allow_nan=False) for k, v in meta.items()})
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts as a safetensors file does: an 8-byte header length, then JSON."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(10)
+    except OSError:
+        return False
+    return len(head) == 10 and head[8:9] == b"{" and head[:2] != b"PK"
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """The state a `.safetensors` checkpoint holds, in the form `torch.load` gives a `.pt`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        # The safetensors reader raises its own SafetensorError (and others) for damaged files.
+        raise _unreadable(path, e, "safetensors file") from e
+    state: dict[str, Any] = {}
+    for key, text in metadata.items():
+        try:
+            state[key] = json.loads(text)
+        except ValueError:
+            raise CheckpointError(
+                f"{path}: its metadata entry {key[:40]!r} is not JSON (edited or damaged file)"
+            ) from None
+    state["model"] = tensors
+    if state.get("format") == FORMAT and not {"weights_sha256", "config_sha256"} <= set(state):
+        # Every safetensors file mnist-resnet writes has both: without them nothing is checked.
+        raise CheckpointError(f"{path}: its checksums are missing (edited or foreign file)")
+    ood = state.get("ood")
+    if isinstance(ood, dict) and isinstance(ood.get("tensors"), dict):
+        try:
+            ood["tensors"] = {str(k): decode_tensor(v) for k, v in ood["tensors"].items()}
+        except (TypeError, ValueError, RuntimeError, binascii.Error) as e:
+            raise CheckpointError(f"{path}: its detector's tensors are damaged ({e})") from None
+    return state
 
 
 def _disk_full(path: Path) -> bool:
@@ -97,14 +192,17 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    state = _read_safetensors(path) if is_safetensors(path) else _read_pickled(path)
+    return _checked(path, state)
+
+
+def _read_pickled(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             # torch warns about, and advises loading with weights_only=False, files holding
             # arbitrary objects: advice a user must not follow for a file they did not make.
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path} was refused: it holds Python objects other than tensors and settings, "
@@ -113,11 +211,23 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     except Exception as e:
         # Damaged files make torch.load fail in many ways (UnpicklingError, RuntimeError,
         # BadZipFile, even AssertionError, found by the hypothesis test): all mean the same.
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a readable mnist-resnet checkpoint (truncated, corrupted or "
-            f"foreign file): {first_line[:200]}"
-        ) from e
+        raise _unreadable(path, e, "mnist-resnet checkpoint") from e
+    return state
+
+
+def _unreadable(path: Path, e: Exception, kind: str) -> CheckpointError:
+    """One line for a file its reader failed on: the system's reason, or the reader's first."""
+    if isinstance(e, OSError):
+        return CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}")
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(
+        f"{path} is not a readable {kind} (truncated, corrupted or foreign file): "
+        f"{first_line[:200]}"
+    )
+
+
+def _checked(path: Path, state: Any) -> dict[str, Any]:
+    """The checks every checkpoint passes, whichever form it was read from."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an mnist-resnet checkpoint")
     if state.get("format_version") != FORMAT_VERSION:

@@ -37,7 +37,9 @@ from mnist_resnet.errors import Interrupted, UserError, printable
 # The shipped models' names, without importing the package that holds them (it reads files).
 PRETRAINED_NAMES = ("mnist", "fashion-mnist")
 PRETRAINED_DEFAULT = "mnist"
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# export.FORMATS, without importing torch to build the parser (tests check they agree).
+EXPORT_FORMATS = ("onnx", "torchscript", "safetensors")
 
 # (flag, config field, help) for every flag that overrides a preset value. Types and defaults
 # come from the dataclasses, so the help text can never disagree with the code.
@@ -342,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="PATH",
-        help="an optional checkpoint file first (ending in .pt; without one, the pretrained "
+        help="an optional checkpoint file first (.pt or .safetensors; without one, the pretrained "
         "MNIST model), then image files, folders or globs",
     )
     _add_pretrained(pr)
@@ -356,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the 28x28 images the model saw to DIR",
     )
 
-    ex = sub.add_parser("export", help="ONNX or TorchScript file, checked against PyTorch")
+    ex = sub.add_parser(
+        "export", help="ONNX, TorchScript or safetensors file, checked against PyTorch"
+    )
     _add_model_choice(ex)
-    ex.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    ex.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     ex.add_argument(
         "--out",
         type=Path,
@@ -464,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="folder for NAME.pt and NAME.json (default: the installed package's)",
+        help="folder for NAME.safetensors and NAME.json (default: the installed package's)",
     )
     pk.add_argument(
         "--data-dir",
@@ -742,6 +746,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from mnist_resnet.files import hash_file
     from mnist_resnet.posthoc import calibrate_checkpoint, calibrate_shipped
 
     model = _model_file(args.checkpoint, args.pretrained)
@@ -750,7 +755,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or default_data_dir())
     if model.pretrained is not None and args.out is None:
         calibrate_shipped(model.path, data_dir=data_dir)
-        print(f"wrote the calibration into {model.path.with_suffix('.json')}")
+        print(f"wrote the calibration into {model.path} and {model.path.with_suffix('.json').name}")
+        pin = f"{model.pretrained!r}: {hash_file(model.path)!r}"
+        print(f"pin it in src/mnist_resnet/pretrained/__init__.py, in SHA256: {pin}")
         return 0
     if args.out is not None:
         _writable_file(args.out, "--out")
@@ -822,7 +829,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mnist_resnet.predict import Predictor, format_results, predict_files
+    from mnist_resnet.predict import Classifier, format_results, predict_files
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
@@ -836,7 +843,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _writable_folder(args.save_preprocessed, "--save-preprocessed")
     model = _model_file(checkpoint, args.pretrained)
     results = predict_files(
-        Predictor.from_checkpoint(model.path),
+        Classifier.from_checkpoint(model.path),
         inputs,
         k=args.top_k,
         save_preprocessed=args.save_preprocessed,
@@ -847,10 +854,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mnist_resnet.export import export
+    from mnist_resnet.export import SUFFIXES, export
 
     model = _model_file(args.checkpoint, args.pretrained)
-    suffix = ".onnx" if args.format == "onnx" else ".torchscript.pt"
+    suffix = SUFFIXES[args.format]
     default_out = Path(f"pretrained-{model.pretrained}{suffix}") if model.pretrained else None
     report = export(
         model.path,

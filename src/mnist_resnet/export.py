@@ -1,10 +1,13 @@
-"""ONNX / TorchScript export of a checkpoint, checked against PyTorch on real test images.
+"""ONNX / TorchScript / safetensors export of a checkpoint, checked against PyTorch on real test
+images.
 
 The exported graph takes what the PyTorch model takes: float32 (N, 1, 28, 28), white ink on
 black, scaled (x / 255 - mean) / std. It returns the logits, the calibrated probabilities
 (softmax of the logits over the checkpoint's temperature) and the out-of-distribution score
 (`ood.Scored`). That contract, with the score's cut-off, travels inside the ONNX file as JSON in
-the `preprocessing` metadata entry, so a consumer needs nothing but the file.
+the `preprocessing` metadata entry, so a consumer needs nothing but the file. The safetensors
+form is the checkpoint itself without pickle (`checkpoint.save_checkpoint`): the plain state
+dict, with configs, calibration and detector in its header; `load`, `predict` and `serve` read it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from mnist_resnet import data
-from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.checkpoint import INFERENCE_KEYS, LoadedModel, load_model, save_checkpoint
 from mnist_resnet.config import PREPROCESS_INPUTS
 from mnist_resnet.errors import UserError
 from mnist_resnet.images import to_float
@@ -37,7 +40,9 @@ from mnist_resnet.inference import (
 )
 from mnist_resnet.precision import make_runtime
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+NAMES = {"onnx": "ONNX Runtime CPU", "torchscript": "TorchScript", "safetensors": "reloaded"}
 # fp32 kernels differ between runtimes in summation order only; 1e-4 on logits is far above
 # that noise (about 1e-6 here) and far below anything that could flip a prediction.
 PARITY_TOLERANCE = 1e-4
@@ -67,7 +72,7 @@ class ExportReport:
     exported: Timing
 
     def lines(self) -> list[str]:
-        name = "ONNX Runtime CPU" if self.fmt == "onnx" else "TorchScript"
+        name = NAMES[self.fmt]
         return [
             f"wrote {self.path}",
             "speed (fp32, CPU, "
@@ -151,6 +156,18 @@ def export_torchscript(loaded: LoadedModel, path: Path) -> None:
         torch.jit.save(traced, str(path), _extra_files=extra)
 
 
+def export_safetensors(loaded: LoadedModel, path: Path) -> None:
+    """What inference needs of the checkpoint, its calibration and detector included, as one
+    safetensors file."""
+    state = {key: loaded.state[key] for key in INFERENCE_KEYS if key in loaded.state}
+    state["calibration"] = loaded.calibration.as_dict()
+    if loaded.detector is not None:
+        state["ood"] = loaded.detector.as_dict()
+    else:
+        state.pop("ood", None)
+    save_checkpoint(path, state, safetensors=True)
+
+
 def onnx_session(path: Path, threads: int | None = None) -> Any:
     _, ort = _onnx_modules()
     options = ort.SessionOptions()
@@ -167,9 +184,12 @@ def _runner(
         session = onnx_session(path)
         name = SCORED_OUTPUTS[output]
         return lambda x: np.asarray(session.run([name], {INPUT_NAME: x})[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    if fmt == "safetensors":
+        module: torch.nn.Module = load_model(path).scored()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     module.eval()
 
     def run(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -205,7 +225,7 @@ def _timed(run: Callable[[np.ndarray[Any, Any]], Any], x: np.ndarray[Any, Any]) 
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
-    return checkpoint.with_suffix(".onnx" if fmt == "onnx" else ".torchscript.pt")
+    return checkpoint.with_suffix(SUFFIXES[fmt])
 
 
 def export(
@@ -220,7 +240,7 @@ def export(
 ) -> ExportReport:
     """Export, then compare with PyTorch on `images` real test images; raise on any mismatch."""
     if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; choose onnx or torchscript")
+        raise ExportError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}")
     if fmt == "onnx":
         _onnx_modules()
     loaded = load_model(checkpoint)
@@ -239,6 +259,8 @@ def export(
     try:
         if fmt == "onnx":
             export_onnx(loaded, path)
+        elif fmt == "safetensors":
+            export_safetensors(loaded, path)
         else:
             export_torchscript(loaded, path)
     except ExportError:

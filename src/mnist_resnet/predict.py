@@ -1,25 +1,35 @@
-"""Image files → the model → top-k classes (image preparation lives in `images`)."""
+"""The Python API and `mnist-resnet predict`: pictures → the model → classes with calibrated
+probabilities (image preparation lives in `images`).
+
+    clf = mnist_resnet.load("mnist")      # a shipped model's name, or a checkpoint file
+    answer = clf.predict("digit.png")      # or a PIL image, a numpy array, a uint8 tensor
+
+`Classifier.predict` is what the `predict` command runs for every file it reads.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.errors import printable
 from mnist_resnet.images import (
+    IMAGE_SIZE,
     IMAGE_SUFFIXES,
     ImageError,
     UnreadableImage,
+    decode_opened,
     load_image,
     prepare_image,
 )
@@ -27,6 +37,10 @@ from mnist_resnet.inference import predict_scored
 from mnist_resnet.ood import verdict
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runtime import Runtime
+
+# One picture: a file path, a PIL image, a uint8 numpy array (H, W) or (H, W, 3 or 4), or a uint8
+# tensor (H, W) or (C, H, W) with C = 1, 3 or 4 (torchvision's layout).
+ImageInput: TypeAlias = str | os.PathLike[str] | Image.Image | NDArray[Any] | torch.Tensor
 
 # ----------------------------------------------------------------------------- the model
 
@@ -39,37 +53,95 @@ class Ranked:
 
 
 @dataclass(frozen=True)
-class Answer:
-    """The top-k classes of one image, and whether to trust them (`ood.verdict`)."""
+class Prediction:
+    """The answer for one image: what `mnist-resnet predict --json` prints for it, and every
+    class's calibrated probability (docs/calibration.md)."""
 
-    top: list[Ranked]
+    index: int  # the most probable class
+    label: str  # its name
+    probability: float  # its calibrated probability
+    probabilities: tuple[float, ...]  # every class's, in class order (sum 1)
+    top: tuple[Ranked, ...]  # the k most probable, best first
+    # "sure"; "unsure" (top probability below ood.UNSURE_BELOW); or "out_of_distribution"
+    # (unlike the training images: probably none of the classes), as `ood.verdict` decides.
     verdict: str
-    ood_score: float
+    ood_score: float  # higher: less like the training images
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prediction": self.label,
+            "verdict": self.verdict,
+            "ood_score": round(self.ood_score, 4),
+            "top": [
+                {"class": r.label, "index": r.index, "probability": round(r.probability, 6)}
+                for r in self.top
+            ],
+        }
 
 
-class Predictor:
-    """A checkpoint loaded once, in fp32 on the CPU, answering batches of 28x28 uint8 images
-    with calibrated probabilities (docs/calibration.md)."""
+class Classifier:
+    """A model loaded once, answering pictures with calibrated probabilities (fp32; on the CPU
+    unless `load(..., device=...)` says otherwise).
+
+    `model` is the network (`nn.Module`, batch norms folded, eval mode): it takes float32
+    (N, 1, 28, 28) images scaled as `(x / 255 - mean) / std` and returns logits.
+    """
 
     def __init__(self, loaded: LoadedModel, runtime: Runtime | None = None) -> None:
         self.loaded = loaded
         # fp32 so answers match the exported model and repeat exactly; single images are tiny.
         self.runtime = runtime or make_runtime(accel=False, amp=False, channels_last=False)
         self.model = self.runtime.prepare_model(loaded.model)
-        self.scored = loaded.scored()
+        self.scored = loaded.scored().to(self.runtime.device)
         self.class_names = loaded.class_names
-        # Image files are prepared the way the training images were (own data may use "resize";
+        # Pictures are prepared the way the training images were (own data may use "resize";
         # a Fashion-MNIST model expects product photos prepared as that dataset was).
         self.preprocess = loaded.data_config.preparation
 
     @classmethod
-    def from_checkpoint(cls, path: Path | str) -> Predictor:
+    def from_checkpoint(cls, path: Path | str) -> Classifier:
         return cls(load_model(path))
+
+    def prepare(self, image: ImageInput) -> NDArray[np.uint8]:
+        """One picture as the model's 28x28 uint8 input (white on black), prepared as this
+        model's training images were (`DataConfig.preparation`); `ImageError` if it cannot be."""
+        return prepare_image(_picture(image), self.preprocess)
+
+    @overload
+    def predict(
+        self, images: ImageInput, *, k: int = ..., preprocess: bool = ...
+    ) -> Prediction: ...
+    @overload
+    def predict(
+        self,
+        images: list[ImageInput] | tuple[ImageInput, ...],
+        *,
+        k: int = ...,
+        preprocess: bool = ...,
+    ) -> list[Prediction]: ...
+    def predict(
+        self,
+        images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+        *,
+        k: int = 3,
+        preprocess: bool = True,
+    ) -> Prediction | list[Prediction]:
+        """One picture → one `Prediction`; a list or tuple of them → a list, in order.
+
+        `preprocess=False` takes each picture as a finished 28x28 model input (as the
+        dataset's own images are: white on black, centred), unchanged. `top` holds the `k`
+        most probable classes.
+        """
+        batch = list(images) if isinstance(images, list | tuple) else [images]
+        single = not isinstance(images, list | tuple)
+        prepare = self.prepare if preprocess else _as_input
+        answers = self.answers(np.stack([prepare(image) for image in batch]), k) if batch else []
+        return answers[0] if single else answers
 
     def scores(
         self, images_u8: NDArray[np.uint8] | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(calibrated probabilities (N, C), out-of-distribution scores (N,))."""
+        """(calibrated probabilities (N, C), out-of-distribution scores (N,)) of 28x28 inputs."""
         images = torch.as_tensor(np.asarray(images_u8, dtype=np.uint8))
         if images.ndim == 2:
             images = images.unsqueeze(0)
@@ -85,27 +157,103 @@ class Predictor:
     def probabilities(self, images_u8: NDArray[np.uint8] | torch.Tensor) -> torch.Tensor:
         return self.scores(images_u8)[0]
 
-    def answers(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[Answer]:
+    def answers(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[Prediction]:
+        """A `Prediction` for each of a batch of 28x28 inputs (N, 28, 28)."""
         probs, ood_scores = self.scores(images_u8)
         k = max(1, min(k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         threshold = self.scored.threshold
-        return [
-            Answer(
-                [
-                    Ranked(self.class_names[int(i)], int(i), float(p))
-                    for p, i in zip(row_p, row_i, strict=True)
-                ],
-                verdict(row_p[0], score, threshold),
-                score,
+        answers = []
+        for row, row_p, row_i, score in zip(
+            probs.tolist(), values.tolist(), indices.tolist(), ood_scores.tolist(), strict=True
+        ):
+            top = tuple(
+                Ranked(self.class_names[int(i)], int(i), float(p))
+                for p, i in zip(row_p, row_i, strict=True)
             )
-            for row_p, row_i, score in zip(
-                values.tolist(), indices.tolist(), ood_scores.tolist(), strict=True
+            answers.append(
+                Prediction(
+                    index=top[0].index,
+                    label=top[0].label,
+                    probability=top[0].probability,
+                    probabilities=tuple(row),
+                    top=top,
+                    verdict=verdict(top[0].probability, score, threshold),
+                    ood_score=score,
+                )
             )
-        ]
+        return answers
 
-    def top_k(self, images_u8: NDArray[np.uint8] | torch.Tensor, k: int = 3) -> list[list[Ranked]]:
-        return [answer.top for answer in self.answers(images_u8, k)]
+
+def load(
+    model: str | os.PathLike[str] = "mnist", *, device: str | torch.device = "cpu"
+) -> Classifier:
+    """A shipped model by name (`mnist`, `fashion-mnist`) or a checkpoint file (`.pt` or
+    `.safetensors`), checked as every checkpoint is (`checkpoint.load_model`), ready to predict
+    in fp32 on `device`."""
+    from mnist_resnet import pretrained
+
+    if isinstance(model, str) and model in pretrained.NAMES:
+        path = pretrained.weights_path(model)
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise CheckpointError(
+                f"no shipped model or file named {str(model)!r}: give "
+                f"{' or '.join(pretrained.NAMES)}, or a checkpoint file (.pt or .safetensors)"
+            )
+    runtime = Runtime(torch.device(device), None, channels_last=False, precision_note="fp32")
+    return Classifier(load_model(path), runtime)
+
+
+def _picture(image: ImageInput) -> Image.Image:
+    """Any accepted picture as a decoded PIL image, reduced as a file of it would be."""
+    if isinstance(image, str | os.PathLike):
+        return load_image(Path(image))
+    if isinstance(image, Image.Image):
+        return decode_opened(image)
+    pixels = _pixel_array(image)
+    mode = "L" if pixels.ndim == 2 else {3: "RGB", 4: "RGBA"}[pixels.shape[2]]
+    return decode_opened(Image.fromarray(pixels, mode=mode))
+
+
+def _pixel_array(image: object) -> NDArray[np.uint8]:
+    """A uint8 array (H, W) or (H, W, 3 or 4) from a numpy array or a torchvision-style tensor."""
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise UnreadableImage(f"expected a uint8 tensor (0..255), got {image.dtype}")
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+            image = image.permute(1, 2, 0)
+        array = image.detach().cpu().numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(
+            f"cannot read a {type(image).__name__} as an image: give a file path, a PIL image, "
+            "a uint8 numpy array or a uint8 tensor"
+        )
+    if array.dtype != np.uint8:
+        raise UnreadableImage(f"expected uint8 pixels (0..255), got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or not array.size:
+        raise UnreadableImage(
+            f"expected an image of shape (H, W) or (H, W, 3 or 4), got {tuple(array.shape)}"
+        )
+    return np.ascontiguousarray(array)
+
+
+def _as_input(image: ImageInput) -> NDArray[np.uint8]:
+    """A finished 28x28 model input, as it is (`predict(..., preprocess=False)`)."""
+    if isinstance(image, str | os.PathLike | Image.Image):
+        image = np.asarray(_picture(image).convert("L"))
+    pixels = _pixel_array(image)
+    if pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise UnreadableImage(
+            f"without preparation an image must be {IMAGE_SIZE}x{IMAGE_SIZE} gray pixels, "
+            f"got {tuple(pixels.shape)}: leave preprocess on"
+        )
+    return pixels
 
 
 # ----------------------------------------------------------------------------- files
@@ -114,28 +262,18 @@ class Predictor:
 @dataclass
 class FileResult:
     source: str
-    top: list[Ranked] = field(default_factory=list)
+    prediction: Prediction | None = None
     error: str | None = None
     unreadable: bool = False
     preprocessed: str | None = None
-    verdict: str | None = None
-    ood_score: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"file": self.source}
         if self.error is not None:
             out["error"] = self.error
             out["unreadable"] = self.unreadable
-        else:
-            out["prediction"] = self.top[0].label
-            # "sure", "unsure" (calibrated top probability below ood.UNSURE_BELOW) or
-            # "out_of_distribution" (unlike the training images: not a digit)
-            out["verdict"] = self.verdict
-            out["ood_score"] = None if self.ood_score is None else round(self.ood_score, 4)
-            out["top"] = [
-                {"class": r.label, "index": r.index, "probability": round(r.probability, 6)}
-                for r in self.top
-            ]
+        elif self.prediction is not None:
+            out.update(self.prediction.as_dict())
         if self.preprocessed:
             out["preprocessed"] = self.preprocessed
         return out
@@ -164,7 +302,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[tuple[str, Path | None]]:
 
 
 def predict_files(
-    predictor: Predictor,
+    classifier: Classifier,
     inputs: Sequence[str],
     *,
     k: int = 3,
@@ -182,7 +320,7 @@ def predict_files(
             result.error, result.unreadable = "no such file, folder or matching image", True
             continue
         try:
-            pixels = prepare_image(load_image(path), predictor.preprocess)
+            pixels = classifier.prepare(path)
         except ImageError as e:
             result.error, result.unreadable = str(e), isinstance(e, UnreadableImage)
             continue
@@ -191,14 +329,10 @@ def predict_files(
             Image.fromarray(pixels, mode="L").save(out)
             result.preprocessed = str(out)
         ready.append((result, pixels))
-    if ready:
-        answers = predictor.answers(np.stack([p for _, p in ready]), k)
-        for (result, _), answer in zip(ready, answers, strict=True):
-            result.top, result.verdict, result.ood_score = (
-                answer.top,
-                answer.verdict,
-                answer.ood_score,
-            )
+    # The files prepared one by one (a bad one is reported alone), then answered together.
+    answers = classifier.predict([p for _, p in ready], k=k, preprocess=False)
+    for (result, _), answer in zip(ready, answers, strict=True):
+        result.prediction = answer
     return results
 
 
@@ -216,13 +350,12 @@ def format_results(results: Sequence[FileResult], *, as_json: bool = False) -> s
     # One line per input, whatever its name or the class names hold (newlines, ANSI escapes,
     # undecodable bytes): they are shown escaped.
     for r in results:
-        if r.error is not None:
+        if r.prediction is None:
             lines.append(printable(f"{r.source}: error: {r.error}"))
             continue
-        ranked = ", ".join(f"{x.label} {x.probability:.1%}" for x in r.top)
-        lines.append(
-            printable(f"{r.source}: {r.top[0].label}  ({ranked}){SAID.get(r.verdict or '', '')}")
-        )
+        ranked = ", ".join(f"{x.label} {x.probability:.1%}" for x in r.prediction.top)
+        said = SAID.get(r.prediction.verdict, "")
+        lines.append(printable(f"{r.source}: {r.prediction.label}  ({ranked}){said}"))
     ok = sum(r.error is None for r in results)
     lines.append(f"predicted {ok} of {len(results)} inputs")
     return "\n".join(lines)
@@ -234,3 +367,7 @@ def ascii_digit(pixels: NDArray[np.uint8]) -> str:
     return "\n".join(
         "".join(ramp[min(len(ramp) - 1, int(v) * len(ramp) // 256)] for v in row) for row in pixels
     )
+
+
+# The name before the Python API (issue 30), still used by tests and benchmarks.
+Predictor = Classifier

@@ -2,12 +2,13 @@
 after `pip install`, with no data, no network and no training.
 
 Each model is a run of `mnist-resnet train` with a recorded recipe (`RECIPES`), packaged by
-`package` (the optimizer and resume state dropped, what checkpoint validation needs kept) and
-pinned here by SHA-256: a file that does not match its pin is refused before it is opened, and
-is then loaded like any other checkpoint (`checkpoint.load_model`, with all its checks). The
-measured accuracy, recipe, date and the command that remakes a model are data, kept in
-`<name>.json` beside its weights (as torchvision keeps them in its Weights' `meta`).
-`make pretrained` retrains both from their recipes and packages them again.
+`package` as `<name>.safetensors` (no pickle; the optimizer and resume state dropped; configs,
+calibration and detector in its header, so the file alone rebuilds the model) and pinned here by
+SHA-256: a file that does not match its pin is refused before it is opened, and is then loaded
+like any other checkpoint (`checkpoint.load_model`, with all its checks). The measured accuracy,
+recipe, date, the command that remakes a model and its model card are data, kept in
+`<name>.json` beside its weights (as torchvision keeps them in its Weights' `meta`) and shown in
+docs/models.md. `make pretrained` retrains both from their recipes and packages them again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import dataclasses
 import datetime
 import json
 import os
+import platform
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -40,9 +44,10 @@ FOLDER = Path(str(resources.files(__name__)))
 # The SHA-256 of each shipped file; `mnist-resnet pretrained package` prints the line to put
 # here. tests/test_pretrained.py checks that file, pin and <name>.json agree.
 SHA256: dict[str, str] = {
-    "mnist": "3582bda7aa8e5d33fef1da4b761ce3f8f90e8527577dd91e9f19e8a88819f369",
-    "fashion-mnist": "9a444a7fd77c6da3d002963de1e40099403ce3aa92e9a5a40b1b842679247189",
+    "mnist": "ebc894918821f56939a1e4a17d6ab92ce148b4fa9cb50205172b4e3f2316b8a4",
+    "fashion-mnist": "171e2479f44be83d8684c699259fac81946ce61e092c5d986aec862ac5cf144b",
 }
+SUFFIX = ".safetensors"
 # Settings that say where or how fast a run went, not what it learned: ignored when a run is
 # compared with its recipe, and the paths replaced in the shipped config.
 MACHINE_FIELDS = {
@@ -63,9 +68,6 @@ MACHINE_FIELDS = {
     },
     "data": {"data_dir"},
 }
-# What inference and checkpoint validation read; the rest (optimizer, schedule, weight average,
-# RNG and mid-epoch state) only serves a resume.
-KEPT = ("config", "model", "epoch", "data_hashes", "normalization", "class_names", "test", "best")
 
 
 class PretrainedError(UserError):
@@ -80,6 +82,9 @@ class Recipe:
     # Settings on top of the preset, as (config, field, value), and the flags that give them.
     overrides: tuple[tuple[str, str, Any], ...] = ()
     flags: str = ""
+    # The model card's words: what the model is for, and where it is known to fail.
+    use: str = ""
+    limits: tuple[str, ...] = ()
 
     @property
     def command(self) -> str:
@@ -109,10 +114,40 @@ class Recipe:
 
 
 RECIPES = {
-    "mnist": Recipe("best", "mnist", 1),
+    "mnist": Recipe(
+        "best",
+        "mnist",
+        1,
+        use="reading one handwritten digit (0-9) per picture: scans, photos of paper, pen or "
+        "mouse drawings, prepared MNIST-style (docs/data.md#preparing-pictures)",
+        limits=(
+            "one digit per picture: it does not find or split several digits, letters or words",
+            "anything that is not a digit still gets a digit's name; the verdict "
+            "(out_of_distribution, unsure) is the only warning, and it misses some",
+            "MNIST is scanned handwriting of American census staff and students: its test "
+            "accuracy holds for such scans; other pictures depend on the preparation "
+            "(docs/data.md#pen-written-digits measures pen-drawn pages and photos of them)",
+        ),
+    ),
     # 8 of the preset's 15 epochs: the shipped model was trained on a shared 2-core machine.
     "fashion-mnist": Recipe(
-        "best", "fashion-mnist", 1, overrides=(("train", "epochs", 8),), flags="--epochs 8"
+        "best",
+        "fashion-mnist",
+        1,
+        overrides=(("train", "epochs", 8),),
+        flags="--epochs 8",
+        use="sorting one Zalando-style product image (a single garment, shoe or bag on a plain "
+        "background) into Fashion-MNIST's 10 classes",
+        limits=(
+            "clothing photos are not Fashion-MNIST scans: worn clothes, people, several items, "
+            "cluttered backgrounds or unusual angles are outside what it learned "
+            "(docs/data.md#preparing-pictures measures it on synthetic product photos)",
+            "shirts are its weakest class, mistaken for T-shirts/tops, coats and pullovers "
+            "(`mnist-resnet evaluate --pretrained fashion-mnist` draws the confusion matrix)",
+            "only the 10 classes: anything else still gets one of their names, flagged at "
+            "best by the verdict",
+            "trained for 8 of the preset's 15 epochs on a shared 2-core machine",
+        ),
     ),
 }
 
@@ -124,9 +159,9 @@ def _known(name: str) -> Recipe:
 
 
 def weights_path(name: str, folder: Path | None = None) -> Path:
-    """The shipped checkpoint `name`, after checking it is the very file that was pinned."""
+    """The shipped model `name`, after checking it is the very file that was pinned."""
     _known(name)
-    path = (folder or FOLDER) / f"{name}.pt"
+    path = (folder or FOLDER) / f"{name}{SUFFIX}"
     pinned = SHA256.get(name)
     if pinned is None:
         raise PretrainedError(
@@ -225,13 +260,15 @@ def package(
     recipe: Recipe | None = None,
     log: Callable[[str], None] = print,
 ) -> Packaged:
-    """Write `<out_dir>/<name>.pt` and `<name>.json` from a finished run of `name`'s recipe.
+    """Write `<out_dir>/<name>.safetensors` and `<name>.json` from a finished run of `name`'s
+    recipe.
 
     The run must have used the recipe (its saved configs are compared, machine settings
     aside), and its selected model is measured once more on the test set in fp32 on the CPU,
-    as `predict` and `serve` run it.
+    as `predict` and `serve` run it; its calibration and detector are fitted and stored in the
+    file, and its single-image speed measured for the model card.
     """
-    from mnist_resnet.checkpoint import load_checkpoint, save_checkpoint
+    from mnist_resnet.checkpoint import INFERENCE_KEYS, load_checkpoint, save_checkpoint
 
     recipe = recipe or _known(name)
     out_dir = out_dir or FOLDER
@@ -247,7 +284,7 @@ def package(
         )
     if not isinstance(state.get("test"), dict):
         raise PretrainedError(f"{best} holds no test result: not the final best.pt of a run")
-    shipped = {key: state[key] for key in KEPT if key in state}
+    shipped = {key: state[key] for key in INFERENCE_KEYS if key in state}
     config = json.loads(json.dumps(state["config"]))
     # This machine's paths mean nothing elsewhere: the ones `make pretrained` uses instead.
     config["data"]["data_dir"] = "data"
@@ -272,15 +309,18 @@ def package(
         "test_loss": float(state["test"]["loss"]),
     }
     shipped["pretrained"] = meta
-    out, meta_file = out_dir / f"{name}.pt", out_dir / f"{name}.json"
+    out, meta_file = out_dir / f"{name}{SUFFIX}", out_dir / f"{name}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Both files are staged beside their final names and measured there; the package's own
     # files are replaced only once everything passed, so a failed or interrupted packaging
     # leaves the previous model, its metadata and its pin in agreement.
     with temp_beside(out) as staged, temp_beside(meta_file) as staged_meta:
-        save_checkpoint(staged, shipped)
-        record = _measured(staged, meta, data_dir, log)
-        record.update(file=out.name, bytes=staged.stat().st_size, sha256=hash_file(staged))
+        save_checkpoint(staged, shipped, safetensors=True)
+        record, fitted = _measured(staged, meta, data_dir, log)
+        # The calibration and detector travel in the file too: it is self-contained.
+        shipped.update(calibration=fitted.calibration.as_dict(), ood=fitted.detector.as_dict())
+        save_checkpoint(staged, shipped, safetensors=True)
+        record = finish_record(staged, out.name, record, recipe)
         staged_meta.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         os.replace(staged, out)
         os.replace(staged_meta, meta_file)
@@ -288,9 +328,20 @@ def package(
     return Packaged(out, sha, size, record)
 
 
+def finish_record(
+    path: Path, file_name: str, record: dict[str, Any], recipe: Recipe
+) -> dict[str, Any]:
+    """The metadata of the finished shipped file at `path`: its size, hash and model card (with
+    its speed, measured here)."""
+    record = {**record, "file": file_name}
+    record.update(bytes=path.stat().st_size, sha256=hash_file(path))
+    record["card"] = model_card(record, recipe, single_image_speed(path))
+    return record
+
+
 def _measured(
     path: Path, meta: dict[str, Any], data_dir: Path | None, log: Callable[[str], None]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """`meta` with what the checkpoint at `path` measures on the test set in fp32 on the CPU,
     as `predict` and `serve` run it, after it passed the checks any checkpoint must pass."""
     from mnist_resnet import data
@@ -314,11 +365,16 @@ def _measured(
         runtime=runtime,
     )
     preparation = loaded.data_config.preparation
-    return {
+    fitted = fit(loaded, splits, log=log)
+    best = loaded.state.get("best") or {}
+    record = {
         **meta,
         # The card says what pictures the model is for: predict and serve prepare them so.
         "preprocess": preparation,
         "inputs": PREPROCESS_INPUTS[preparation],
+        "training_images": len(splits.train_labels) - loaded.data_config.val_size,
+        "validation_images": loaded.data_config.val_size,
+        "validation_error": best.get("val_error"),
         "test_images": len(splits.test_labels),
         "fp32_cpu_test_accuracy": fp32.accuracy,
         "parameters": sum(
@@ -326,7 +382,94 @@ def _measured(
             for key, t in loaded.state["model"].items()
             if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
         ),
-        # Temperature and out-of-distribution detector (docs/calibration.md): data beside the
-        # pinned file, used when loading it (checkpoint.posthoc_data).
-        **metadata_record(fit(loaded, splits, log=log)),
+        # Temperature and out-of-distribution detector (docs/calibration.md), as stored in the
+        # file itself: shown here for readers of the card.
+        **metadata_record(fitted),
     }
+    return record, fitted
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def model_card(meta: dict[str, Any], recipe: Recipe, speed: dict[str, Any]) -> dict[str, Any]:
+    """What the model is, how it was made and chosen, how good, sure and fast it is, and what
+    it is for: from the packaging's measurements (`meta`), shown in docs/models.md."""
+    calibration = meta.get("calibration") or {}
+    val_error = meta.get("validation_error")
+    chosen = f" ({val_error:.2%})" if isinstance(val_error, float) else ""
+    return {
+        "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters",
+        "data": f"{meta.get('dataset')}: {meta.get('training_images', 0):,} training images, "
+        f"{meta.get('validation_images', 0):,} held out for validation, "
+        f"{meta.get('test_images', 0):,} test images",
+        "recipe": meta.get("recipe"),
+        "command": meta.get("command"),
+        "selection": f"the epoch with the lowest validation error, epoch {meta.get('best_epoch')}"
+        f"{chosen}; the test set was read once, after the selection",
+        "test_accuracy": meta.get("fp32_cpu_test_accuracy"),
+        # Every field the calibration stores (docs/calibration.md): how, on what, how much better.
+        "calibration": dict(calibration),
+        "speed": speed,
+        "intended_use": recipe.use,
+        "limits": list(recipe.limits),
+    }
+
+
+# A page with one drawn stroke figure, as a user photographs it: what `single_image_speed`
+# prepares and answers (the preparation's cost grows with the picture, up to images.WORK_SIDE).
+SPEED_PICTURE = (240, 300)
+SPEED_REPEATS = 200
+
+
+def single_image_speed(path: Path, repeats: int = SPEED_REPEATS) -> dict[str, Any]:
+    """Median CPU latency of one image through `Classifier.predict` on one thread: a prepared
+    28x28 input, and a 240x300 picture with its preparation; where it was measured."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from mnist_resnet.predict import load
+
+    clf = load(path)
+    page = Image.new("RGB", SPEED_PICTURE, (245, 245, 240))
+    ImageDraw.Draw(page).line(
+        [(60, 70), (180, 70), (110, 250)], fill=(30, 30, 40), width=16, joint="curve"
+    )
+    pixels = clf.prepare(page)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model_ms = _median_ms(lambda: clf.predict(pixels, preprocess=False), repeats)
+        picture_ms = _median_ms(lambda: clf.predict(page), max(20, repeats // 10))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "prepared_28x28_ms": round(model_ms, 3),
+        "picture_240x300_ms": round(picture_ms, 3),
+        "threads": 1,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "measured": datetime.date.today().isoformat(),
+    }
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    for _ in range(5):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's word."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,110 @@
+"""Attributions and feature maps of the shipped MNIST model, judged on real test digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_resnet import data, explain, pretrained
+from mnist_resnet.checkpoint import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module")
+def shipped() -> LoadedModel:
+    return load_model(pretrained.weights_path("mnist"))
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    splits = data.load("mnist", mnist_root, log=lambda _: None)
+    return splits.test_images[:16].numpy(), splits.test_labels[:16].numpy()
+
+
+@pytest.fixture(scope="module")
+def explained(shipped: LoadedModel, digits: tuple[np.ndarray, np.ndarray]) -> list:
+    return explain.explain(shipped, digits[0])
+
+
+def test_the_attributions_add_up_to_the_logits_change(
+    shipped: LoadedModel, digits: tuple[np.ndarray, np.ndarray], explained: list
+) -> None:
+    x = explain._inputs(shipped, digits[0])
+    blank = torch.full_like(x, -shipped.mean / shipped.std)
+    with torch.no_grad():
+        change = shipped.model(x) - shipped.model(blank)
+    rel = []
+    for n, e in enumerate(explained):
+        assert e.classes[0] == int(digits[1][n])  # the shipped model reads these 16 right
+        assert e.probabilities[0] >= e.probabilities[1]
+        assert e.attributions.shape == (2, 28, 28)
+        total = float(e.attributions[0].sum())
+        rel.append(
+            abs(total - float(change[n, e.classes[0]])) / abs(float(change[n, e.classes[0]]))
+        )
+    # Completeness (Sundararajan et al. 2017) up to the quadrature's error: 64 steps left a
+    # median gap of 1.5% and a largest of 9% on 40 test digits when this was written.
+    assert float(np.median(rel)) < 0.05 and max(rel) < 0.25
+
+
+def test_deleting_the_pixels_the_map_ranks_first_hurts_more_than_deleting_at_random(
+    shipped: LoadedModel, explained: list
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    ours, chance = [], []
+    for e in explained:
+        order = explain.attribution_order(e.attributions[0])
+        curve = explain.deletion_curve(shipped, e.image, e.classes[0], order)
+        assert curve.shape == (explain.DELETION_POINTS,)
+        assert curve[0] == pytest.approx(e.probabilities[0], abs=1e-4)  # nothing removed yet
+        ours.append(explain.area(curve))
+        chance.append(
+            explain.area(
+                explain.deletion_curve(
+                    shipped, e.image, e.classes[0], torch.randperm(784, generator=g)
+                )
+            )
+        )
+    # Measured on 50 test digits: 0.34 against 0.63. A map no better than chance would tie.
+    assert np.mean(ours) < np.mean(chance) - 0.15
+    assert np.mean(np.array(ours) < np.array(chance)) > 0.75
+
+
+def test_each_stage_shows_its_strongest_maps_at_its_resolution(explained: list) -> None:
+    e = explained[0]
+    assert [s.name for s in e.stages] == ["stem", "stage 1", "stage 2", "stage 3"]
+    assert [tuple(s.maps.shape) for s in e.stages] == [
+        (4, 28, 28),
+        (4, 28, 28),
+        (4, 14, 14),
+        (4, 7, 7),
+    ]
+    for s in e.stages:
+        assert list(s.mean_activation) == sorted(s.mean_activation, reverse=True)
+        assert s.mean_activation[0] == pytest.approx(float(s.maps[0].mean()), abs=1e-3)
+
+
+def test_explaining_together_is_explaining_one_by_one(
+    shipped: LoadedModel, digits: tuple[np.ndarray, np.ndarray], explained: list
+) -> None:
+    alone = explain.explain(shipped, digits[0][3])[0]
+    assert alone.classes == explained[3].classes
+    torch.testing.assert_close(alone.attributions, explained[3].attributions, atol=1e-4, rtol=1e-3)
+
+
+def test_the_figure_and_the_numbers_are_written(
+    shipped: LoadedModel, explained: list, tmp_path: Path
+) -> None:
+    path = tmp_path / "seven.png"
+    explain.draw(explained[0], shipped.class_names, path)
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 300
+    record = json.loads(json.dumps(explain.as_record(explained[0], shipped.class_names)))
+    assert record["classes"][0]["class"] == "7"
+    assert np.array(record["classes"][0]["attribution"]).shape == (28, 28)
+    assert [s["shape"] for s in record["stages"]] == [[28, 28], [28, 28], [14, 14], [7, 7]]
