@@ -65,7 +65,11 @@ def test_ensemble_averages_member_probabilities(
     other = _variant(small_checkpoint, tmp_path / "other.pt", seed=1)
     result = ensemble([small_checkpoint, other], data_dir=mnist_root, log=lambda _: None)
     splits = data.load("mnist", mnist_root, log=lambda _: None)
-    runtime = make_runtime(accel=False, amp=None, channels_last=True)
+    # Each member runs in the precision its run recorded, as `ensemble` and `evaluate` run it:
+    # the CPU probe's verdict today (another load, another thread count) may differ.
+    runtime = make_runtime(
+        accel=False, amp=load_model(small_checkpoint).trained_amp, channels_last=True
+    )
     probas = [
         predict_proba(load_model(p), splits.test_images, runtime) for p in (small_checkpoint, other)
     ]

@@ -108,3 +108,26 @@ def test_the_figure_and_the_numbers_are_written(
     assert record["classes"][0]["class"] == "7"
     assert np.array(record["classes"][0]["attribution"]).shape == (28, 28)
     assert [s["shape"] for s in record["stages"]] == [[28, 28], [28, 28], [14, 14], [7, 7]]
+
+
+def test_the_explain_command_writes_one_figure_per_image_and_reports_bad_files(
+    digits: tuple[np.ndarray, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    from mnist_resnet.cli import main
+
+    Image.fromarray(digits[0][0]).save(tmp_path / "seven.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "figures"
+    argv = ["explain", str(tmp_path / "seven.png"), "--out", str(out), "--steps", "16", "--json"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    assert record["classes"][0]["class"] == "7" and Path(record["figure"]).is_file()
+    assert main(["explain", str(tmp_path / "broken.png"), "--out", str(out)]) == 1
+    said = capsys.readouterr().out
+    assert "broken.png: error:" in said and "explained 0 of 1 inputs" in said
+    assert main(["explain", str(tmp_path / "seven.png"), "--steps", "1"]) == 2
+    assert "--steps must be between" in capsys.readouterr().err

@@ -358,6 +358,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the 28x28 images the model saw to DIR",
     )
 
+    xp = sub.add_parser(
+        "explain",
+        help="what the model looked at: attribution maps and feature maps, one PNG per image",
+    )
+    xp.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="PATH",
+        help="an optional checkpoint file first (without one, the pretrained MNIST model), "
+        "then image files, folders or globs",
+    )
+    _add_pretrained(xp)
+    xp.add_argument(
+        "--out",
+        type=Path,
+        default=Path("explained"),
+        metavar="DIR",
+        help="folder for the figures (default: %(default)s)",
+    )
+    xp.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="integration steps of the integrated gradients (default: 64)",
+    )
+    xp.add_argument("--json", action="store_true", help="print the numbers as JSON")
+
     ex = sub.add_parser(
         "export", help="ONNX, TorchScript or safetensors file, checked against PyTorch"
     )
@@ -853,6 +880,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any(r.unreadable for r in results) else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mnist_resnet import explain
+    from mnist_resnet.checkpoint import load_model
+
+    steps = explain.STEPS if args.steps is None else args.steps
+    if not 2 <= steps <= 1024:
+        raise ConfigError(f"--steps must be between 2 and 1024, got {steps}")
+    inputs = list(args.inputs)
+    checkpoint = None
+    if Path(inputs[0]).suffix.lower() in CHECKPOINT_SUFFIXES:
+        checkpoint = Path(inputs.pop(0))
+        if not inputs:
+            raise ConfigError(f"give the image files to explain after {checkpoint}")
+    _writable_folder(args.out, "--out")
+    loaded = load_model(_model_file(checkpoint, args.pretrained).path)
+    results = explain.explain_files(loaded, inputs, args.out, steps=steps)
+    print(explain.format_files(results, loaded.class_names, as_json=args.json))
+    return 1 if any(r.explanation is None for r in results) else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mnist_resnet.export import SUFFIXES, export
 
@@ -991,6 +1038,7 @@ COMMANDS = {
     "summary": cmd_summary,
     "data": cmd_data,
     "predict": cmd_predict,
+    "explain": cmd_explain,
     "export": cmd_export,
     "serve": cmd_serve,
     "experiment": cmd_experiment,
@@ -1009,7 +1057,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `predict a.png --top-k 2 b.png`: paths after an option are more inputs (argparse stops
     # collecting a positional at the first option); anything else unknown is still an error.
-    if args.command == "predict" and extra and not any(e.startswith("-") for e in extra):
+    if (
+        args.command in ("predict", "explain")
+        and extra
+        and not any(e.startswith("-") for e in extra)
+    ):
         args.inputs += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
