@@ -855,17 +855,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_then_images(given: Sequence[str], verb: str) -> tuple[Path | None, list[str]]:
+    """An optional checkpoint file first, then the images: (checkpoint or None, images)."""
+    inputs = list(given)
+    if Path(inputs[0]).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return None, inputs
+    checkpoint = Path(inputs.pop(0))
+    if not inputs:
+        raise ConfigError(f"give the image files to {verb} after {checkpoint}")
+    return checkpoint, inputs
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from mnist_resnet.predict import Classifier, format_results, predict_files
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    inputs = list(args.inputs)
-    checkpoint = None
-    if Path(inputs[0]).suffix.lower() in CHECKPOINT_SUFFIXES:
-        checkpoint = Path(inputs.pop(0))
-        if not inputs:
-            raise ConfigError(f"give the image files to classify after {checkpoint}")
+    checkpoint, inputs = _checkpoint_then_images(args.inputs, "classify")
     if args.save_preprocessed is not None:
         _writable_folder(args.save_preprocessed, "--save-preprocessed")
     model = _model_file(checkpoint, args.pretrained)
@@ -887,12 +893,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     steps = explain.STEPS if args.steps is None else args.steps
     if not 2 <= steps <= 1024:
         raise ConfigError(f"--steps must be between 2 and 1024, got {steps}")
-    inputs = list(args.inputs)
-    checkpoint = None
-    if Path(inputs[0]).suffix.lower() in CHECKPOINT_SUFFIXES:
-        checkpoint = Path(inputs.pop(0))
-        if not inputs:
-            raise ConfigError(f"give the image files to explain after {checkpoint}")
+    checkpoint, inputs = _checkpoint_then_images(args.inputs, "explain")
     _writable_folder(args.out, "--out")
     loaded = load_model(_model_file(checkpoint, args.pretrained).path)
     results = explain.explain_files(loaded, inputs, args.out, steps=steps)

@@ -15,8 +15,7 @@ gives both, and benchmarks/explain_faithfulness.py runs it over a test set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from captum.attr import IntegratedGradients
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
+from mnist_resnet import ood
 from mnist_resnet.checkpoint import LoadedModel
 from mnist_resnet.errors import printable
 from mnist_resnet.images import ImageError, load_image, prepare_image, to_float
@@ -77,26 +77,6 @@ class Explanation:
     stages: list[StageMaps] = field(default_factory=list)
 
 
-@contextmanager
-def _tapped(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Outputs of the modules `names` (those the model has) during forwards inside the block."""
-    found: dict[str, Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = []
-    for name in names:
-        if name in modules:
-
-            def keep(_: nn.Module, __: Any, out: Tensor, name: str = name) -> None:
-                found[name] = out.detach()
-
-            handles.append(modules[name].register_forward_hook(keep))
-    try:
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _inputs(loaded: LoadedModel, images_u8: Tensor | NDArray[np.uint8]) -> Tensor:
     x = torch.as_tensor(np.asarray(images_u8, dtype=np.uint8))
     if x.ndim == 2:
@@ -132,10 +112,11 @@ def stage_taps(model: nn.Module) -> tuple[tuple[str, str], ...]:
 
 @torch.inference_mode()
 def _forward(loaded: LoadedModel, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    names = [name for _, name in stage_taps(loaded.model)]
-    with _tapped(loaded.model, names) as found:
+    present = {name for name, _ in loaded.model.named_modules()}
+    names = [name for _, name in stage_taps(loaded.model) if name in present]
+    with ood.tapped(loaded.model, names, pool=False) as found:
         logits = loaded.model.eval()(x)
-        return loaded.calibration.apply(logits), dict(found)
+        return loaded.calibration.apply(logits), dict(zip(names, found, strict=True))
 
 
 def _strongest(name: str, out: Tensor, k: int) -> StageMaps:

@@ -62,15 +62,19 @@ def taps(model: nn.Module) -> tuple[str, ...]:
 
 
 @contextmanager
-def tapped(model: nn.Module, names: Sequence[str]) -> Iterator[list[Tensor]]:
-    """While open, each forward of `model` leaves the pooled outputs of `names` in the list."""
+def tapped(model: nn.Module, names: Sequence[str], pool: bool = True) -> Iterator[list[Tensor]]:
+    """While open, each forward of `model` leaves the outputs of `names` in the list, pooled
+    over space (or, with `pool=False`, whole and detached)."""
     found: list[Tensor] = []
     modules = dict(model.named_modules())
     handles = []
     for name in names:
 
         def keep(_: nn.Module, __: Any, out: Tensor) -> None:
-            found.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1))
+            if not pool:
+                found.append(out.detach())
+            else:
+                found.append(out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1))
 
         handles.append(modules[name].register_forward_hook(keep))
     try:
