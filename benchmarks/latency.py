@@ -1,6 +1,6 @@
 """Single-image CPU latency of the shipped models through the Python API (issue 30): the median
 of repeated `Classifier.predict` calls on one thread, for a prepared 28x28 input and for a
-240x300 picture with its preparation (`pretrained.single_image_speed`, the function `pretrained
+240x300 picture with its preparation (`packaging.single_image_speed`, the function `pretrained
 package` measures the model card's speed with).
 
     .venv/bin/python benchmarks/latency.py [--repeats 200] [--cards]
@@ -16,20 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from mnist_resnet import pretrained
+from mnist_resnet import packaging, pretrained
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=pretrained.SPEED_REPEATS)
+    parser.add_argument("--repeats", type=int, default=packaging.SPEED_REPEATS)
     parser.add_argument("--cards", action="store_true", help="write the speed into the cards")
     parser.add_argument("--out", type=Path, default=HERE / "results-latency.json")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     rows = {}
     for name in pretrained.NAMES:
-        speed = pretrained.single_image_speed(pretrained.weights_path(name), args.repeats)
+        speed = packaging.single_image_speed(pretrained.weights_path(name), args.repeats)
         rows[name] = speed
         print(
             f"{name}: {speed['prepared_28x28_ms']:.2f} ms a prepared 28x28 image, "

@@ -14,7 +14,7 @@ import pytest
 import torch
 from datafakes import SHAPES, ShapesRun, shape_image
 
-from mnist_resnet import data, pretrained
+from mnist_resnet import data, packaging, pretrained
 from mnist_resnet.checkpoint import load_checkpoint, load_model
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
@@ -42,17 +42,15 @@ def _recipe(run: ShapesRun) -> pretrained.Recipe:
 
 
 @pytest.fixture(scope="module")
-def packaged(
-    shapes_run: ShapesRun, tmp_path_factory: pytest.TempPathFactory
-) -> pretrained.Packaged:
+def packaged(shapes_run: ShapesRun, tmp_path_factory: pytest.TempPathFactory) -> packaging.Packaged:
     out = tmp_path_factory.mktemp("package")
-    return pretrained.package(
+    return packaging.package(
         shapes_run.run_dir, "mnist", out_dir=out, recipe=_recipe(shapes_run), log=lambda _: None
     )
 
 
 @pytest.fixture
-def shipped(packaged: pretrained.Packaged, monkeypatch: pytest.MonkeyPatch) -> Path:
+def shipped(packaged: packaging.Packaged, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The packaged test model installed as the shipped `mnist` model, pinned."""
     monkeypatch.setattr(pretrained, "FOLDER", packaged.path.parent)
     monkeypatch.setattr(pretrained, "SHA256", {"mnist": packaged.sha256})
@@ -60,7 +58,7 @@ def shipped(packaged: pretrained.Packaged, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
-    packaged: pretrained.Packaged, shapes_run: ShapesRun
+    packaged: packaging.Packaged, shapes_run: ShapesRun
 ) -> None:
     state = load_checkpoint(packaged.path)
     for gone in ("optimizer", "scheduler", "weight_average", "rng", "partial_epoch"):
@@ -94,7 +92,7 @@ def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
 
 def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path: Path) -> None:
     with pytest.raises(pretrained.PretrainedError, match=r"not trained with the mnist recipe"):
-        pretrained.package(shapes_run.run_dir, "mnist", out_dir=tmp_path, log=lambda _: None)
+        packaging.package(shapes_run.run_dir, "mnist", out_dir=tmp_path, log=lambda _: None)
     assert not list(tmp_path.iterdir())
 
 
@@ -111,7 +109,7 @@ def test_a_failed_packaging_leaves_the_previous_files(
     # The measurement fails after the new checkpoint was written (staged) and loaded.
     monkeypatch.setattr(data, "load_data", no_data)
     with pytest.raises(data.DataError, match="no test data"):
-        pretrained.package(
+        packaging.package(
             shapes_run.run_dir,
             "mnist",
             out_dir=tmp_path,
@@ -204,7 +202,7 @@ def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: st
     recipe = pretrained.RECIPES[name]
     assert loaded.data_config.dataset == meta["dataset"] == recipe.dataset
     assert list(loaded.class_names) == meta["classes"]
-    assert not pretrained.recipe_differences(loaded.state["config"], recipe)
+    assert not packaging.recipe_differences(loaded.state["config"], recipe)
     assert meta["command"] == recipe.command
     # The card says what pictures it is for, and predict prepares them that way.
     assert meta["preprocess"] == Predictor(loaded).preprocess == DATASET_PREPROCESS[recipe.dataset]

@@ -964,10 +964,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
-    from mnist_resnet import pretrained
+    from mnist_resnet import packaging, pretrained
 
     if args.action == "package":
-        done = pretrained.package(
+        done = packaging.package(
             args.run_dir,
             args.name,
             out_dir=args.out or pretrained.FOLDER,

@@ -191,16 +191,16 @@ def load(
     """A shipped model by name (`mnist`, `fashion-mnist`) or a checkpoint file (`.pt` or
     `.safetensors`), checked as every checkpoint is (`checkpoint.load_model`), ready to predict
     in fp32 on `device`."""
-    from mnist_resnet import pretrained
+    from mnist_resnet.pretrained import NAMES, weights_path
 
-    if isinstance(model, str) and model in pretrained.NAMES:
-        path = pretrained.weights_path(model)
+    if isinstance(model, str) and model in NAMES:
+        path = weights_path(model)
     else:
         path = Path(model)
         if not path.exists():
             raise CheckpointError(
                 f"no shipped model or file named {str(model)!r}: give "
-                f"{' or '.join(pretrained.NAMES)}, or a checkpoint file (.pt or .safetensors)"
+                f"{' or '.join(NAMES)}, or a checkpoint file (.pt or .safetensors)"
             )
     runtime = Runtime(torch.device(device), None, channels_last=False, precision_note="fp32")
     return Classifier(load_model(path), runtime)
@@ -369,5 +369,5 @@ def ascii_digit(pixels: NDArray[np.uint8]) -> str:
     )
 
 
-# The name before the Python API (issue 30), still used by tests and benchmarks.
+# The name before the Python API, still used by tests and benchmarks.
 Predictor = Classifier

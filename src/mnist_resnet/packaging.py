@@ -1,0 +1,287 @@
+"""Packaging a training run as a shipped model: `mnist-resnet pretrained package` and
+`make pretrained`. The run's best checkpoint is checked against its recipe, evaluated on the
+test set, calibrated, timed and written as `<name>.safetensors` with its `<name>.json` (model
+card included) for `pretrained` to pin. It stands above predict, evaluate and calibration,
+which it runs; `pretrained` itself (names, pins, metadata) stands below them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mnist_resnet import pretrained
+from mnist_resnet.config import (
+    PREPROCESS_INPUTS,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    default_data_dir,
+    from_dict,
+    preset,
+)
+from mnist_resnet.files import hash_file, temp_beside
+
+
+@dataclass(frozen=True)
+class Packaged:
+    path: Path
+    sha256: str
+    size: int
+    meta: dict[str, Any]
+
+
+def recipe_differences(config: object, recipe: pretrained.Recipe) -> list[str]:
+    """Settings of a run's saved config that differ from its recipe (machine settings aside)."""
+    expected = recipe.configs()
+    saved = config if isinstance(config, dict) else {}
+    found = []
+    if saved.get("preset") != recipe.preset:
+        found.append(f"preset {saved.get('preset')!r} (recipe: {recipe.preset})")
+    parts = {
+        "model": dataclasses.asdict(from_dict(ModelConfig, saved.get("model", {}))),
+        "train": dataclasses.asdict(from_dict(TrainConfig, saved.get("train", {}))),
+        "data": dataclasses.asdict(from_dict(DataConfig, saved.get("data", {}))),
+    }
+    for part, values in parts.items():
+        for key, want in expected[part].items():
+            if key not in pretrained.MACHINE_FIELDS.get(part, ()) and values.get(key) != want:
+                found.append(f"{part}.{key} {values.get(key)!r} (recipe: {want!r})")
+    return found
+
+
+def package(
+    run_dir: Path,
+    name: str,
+    *,
+    out_dir: Path | None = None,
+    data_dir: Path | None = None,
+    recipe: pretrained.Recipe | None = None,
+    log: Callable[[str], None] = print,
+) -> Packaged:
+    """Write `<out_dir>/<name>.safetensors` and `<name>.json` from a finished run of `name`'s
+    recipe.
+
+    The run must have used the recipe (its saved configs are compared, machine settings
+    aside), and its selected model is measured once more on the test set in fp32 on the CPU,
+    as `predict` and `serve` run it; its calibration and detector are fitted and stored in the
+    file, and its single-image speed measured for the model card.
+    """
+    from mnist_resnet.checkpoint import INFERENCE_KEYS, load_checkpoint, save_checkpoint
+
+    recipe = recipe or pretrained._known(name)
+    out_dir = out_dir or pretrained.FOLDER
+    best, result_file = run_dir / "best.pt", run_dir / "result.json"
+    if not result_file.is_file():
+        raise pretrained.PretrainedError(f"{run_dir} holds no finished run (no result.json)")
+    state = load_checkpoint(best)
+    differences = recipe_differences(state["config"], recipe)
+    if differences:
+        raise pretrained.PretrainedError(
+            f"{run_dir} was not trained with the {name} recipe ({recipe.command}): "
+            + "; ".join(differences[:4])
+        )
+    if not isinstance(state.get("test"), dict):
+        raise pretrained.PretrainedError(
+            f"{best} holds no test result: not the final best.pt of a run"
+        )
+    shipped = {key: state[key] for key in INFERENCE_KEYS if key in state}
+    config = json.loads(json.dumps(state["config"]))
+    # This machine's paths mean nothing elsewhere: the ones `make pretrained` uses instead.
+    config["data"]["data_dir"] = "data"
+    config["train"].update(runs_dir="runs/pretrained", name=name)
+    shipped["config"] = config
+    trained = datetime.datetime.fromtimestamp(result_file.stat().st_mtime, datetime.UTC)
+    meta: dict[str, Any] = {
+        "name": name,
+        "dataset": recipe.dataset,
+        "classes": list(state.get("class_names", [])),
+        "recipe": f"{recipe.preset} preset{' ' + recipe.flags if recipe.flags else ''}, "
+        f"seed {recipe.seed}",
+        # The preset's own words, and what this model's recipe changed in it.
+        "description": preset(recipe.preset).description
+        + (f"; here with {recipe.flags}" if recipe.flags else ""),
+        "command": recipe.command,
+        "remake": "make pretrained",
+        "trained": trained.date().isoformat(),
+        "best_epoch": state.get("epoch"),
+        # As the run measured it once, in the precision it trained in (`evaluate` repeats it).
+        "test_accuracy": float(state["test"]["accuracy"]),
+        "test_loss": float(state["test"]["loss"]),
+    }
+    shipped["pretrained"] = meta
+    out, meta_file = out_dir / f"{name}{pretrained.SUFFIX}", out_dir / f"{name}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Both files are staged beside their final names and measured there; the package's own
+    # files are replaced only once everything passed, so a failed or interrupted packaging
+    # leaves the previous model, its pretrained.metadata and its pin in agreement.
+    with temp_beside(out) as staged, temp_beside(meta_file) as staged_meta:
+        save_checkpoint(staged, shipped, safetensors=True)
+        record, fitted = _measured(staged, meta, data_dir, log)
+        # The calibration and detector travel in the file too: it is self-contained.
+        shipped.update(calibration=fitted.calibration.as_dict(), ood=fitted.detector.as_dict())
+        save_checkpoint(staged, shipped, safetensors=True)
+        record = finish_record(staged, out.name, record, recipe)
+        staged_meta.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        os.replace(staged, out)
+        os.replace(staged_meta, meta_file)
+    sha, size = record["sha256"], record["bytes"]
+    return Packaged(out, sha, size, record)
+
+
+def finish_record(
+    path: Path, file_name: str, record: dict[str, Any], recipe: pretrained.Recipe
+) -> dict[str, Any]:
+    """The metadata of the finished shipped file at `path`: its size, hash and model card (with
+    its speed, measured here)."""
+    record = {**record, "file": file_name}
+    record.update(bytes=path.stat().st_size, sha256=hash_file(path))
+    record["card"] = model_card(record, recipe, single_image_speed(path))
+    return record
+
+
+def _measured(
+    path: Path, meta: dict[str, Any], data_dir: Path | None, log: Callable[[str], None]
+) -> tuple[dict[str, Any], Any]:
+    """`meta` with what the checkpoint at `path` measures on the test set in fp32 on the CPU,
+    as `predict` and `serve` run it, after it passed the checks any checkpoint must pass."""
+    from mnist_resnet import data
+    from mnist_resnet.checkpoint import load_model
+    from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.posthoc import fit, metadata_record
+    from mnist_resnet.precision import make_runtime
+
+    loaded = load_model(path)
+    splits = data.load_data(
+        dataclasses.replace(loaded.data_config, data_dir=str(data_dir or default_data_dir())),
+        log=log,
+    )
+    runtime = make_runtime(accel=False, amp=False, channels_last=False)
+    fp32 = evaluate(
+        runtime.prepare_model(loaded.model),
+        splits.test_images,
+        splits.test_labels,
+        mean=loaded.mean,
+        std=loaded.std,
+        runtime=runtime,
+    )
+    preparation = loaded.data_config.preparation
+    fitted = fit(loaded, splits, log=log)
+    best = loaded.state.get("best") or {}
+    record = {
+        **meta,
+        # The card says what pictures the model is for: predict and serve prepare them so.
+        "preprocess": preparation,
+        "inputs": PREPROCESS_INPUTS[preparation],
+        "training_images": len(splits.train_labels) - loaded.data_config.val_size,
+        "validation_images": loaded.data_config.val_size,
+        "validation_error": best.get("val_error"),
+        "test_images": len(splits.test_labels),
+        "fp32_cpu_test_accuracy": fp32.accuracy,
+        "parameters": sum(
+            t.numel()
+            for key, t in loaded.state["model"].items()
+            if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        ),
+        # Temperature and out-of-distribution detector (docs/calibration.md), as stored in the
+        # file itself: shown here for readers of the card.
+        **metadata_record(fitted),
+    }
+    return record, fitted
+
+
+# ----------------------------------------------------------------------------- model cards
+
+
+def model_card(
+    meta: dict[str, Any], recipe: pretrained.Recipe, speed: dict[str, Any]
+) -> dict[str, Any]:
+    """What the model is, how it was made and chosen, how good, sure and fast it is, and what
+    it is for: from the packaging's measurements (`meta`), shown in docs/models.md."""
+    calibration = meta.get("calibration") or {}
+    val_error = meta.get("validation_error")
+    chosen = f" ({val_error:.2%})" if isinstance(val_error, float) else ""
+    return {
+        "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters",
+        "data": f"{meta.get('dataset')}: {meta.get('training_images', 0):,} training images, "
+        f"{meta.get('validation_images', 0):,} held out for validation, "
+        f"{meta.get('test_images', 0):,} test images",
+        "recipe": meta.get("recipe"),
+        "command": meta.get("command"),
+        "selection": f"the epoch with the lowest validation error, epoch {meta.get('best_epoch')}"
+        f"{chosen}; the test set was read once, after the selection",
+        "test_accuracy": meta.get("fp32_cpu_test_accuracy"),
+        # Every field the calibration stores (docs/calibration.md): how, on what, how much better.
+        "calibration": dict(calibration),
+        "speed": speed,
+        "intended_use": recipe.use,
+        "limits": list(recipe.limits),
+    }
+
+
+# A page with one drawn stroke figure, as a user photographs it: what `single_image_speed`
+# prepares and answers (the preparation's cost grows with the picture, up to images.WORK_SIDE).
+SPEED_PICTURE = (240, 300)
+SPEED_REPEATS = 200
+
+
+def single_image_speed(path: Path, repeats: int = SPEED_REPEATS) -> dict[str, Any]:
+    """Median CPU latency of one image through `Classifier.predict` on one thread: a prepared
+    28x28 input, and a 240x300 picture with its preparation; where it was measured."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from mnist_resnet.predict import load
+
+    clf = load(path)
+    page = Image.new("RGB", SPEED_PICTURE, (245, 245, 240))
+    ImageDraw.Draw(page).line(
+        [(60, 70), (180, 70), (110, 250)], fill=(30, 30, 40), width=16, joint="curve"
+    )
+    pixels = clf.prepare(page)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model_ms = _median_ms(lambda: clf.predict(pixels, preprocess=False), repeats)
+        picture_ms = _median_ms(lambda: clf.predict(page), max(20, repeats // 10))
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "prepared_28x28_ms": round(model_ms, 3),
+        "picture_240x300_ms": round(picture_ms, 3),
+        "threads": 1,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "measured": datetime.date.today().isoformat(),
+    }
+
+
+def _median_ms(call: Callable[[], object], repeats: int) -> float:
+    for _ in range(5):
+        call()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu shows it (from /proc/cpuinfo), else the platform's word."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
