@@ -133,20 +133,11 @@ def metadata_record(fitted: ood.Fitted) -> dict[str, Any]:
 def calibrate_shipped(weights: Path, *, data_dir: Path, log: Log = print) -> ood.Fitted:
     """Fit a shipped model and store the result in its file and in the `<name>.json` beside it
     (calibration, detector, the file's new size and SHA-256): pin the new hash afterwards."""
-    from mnist_resnet.checkpoint import load_model
-
     meta_path = weights.with_suffix(".json")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("sha256") != hash_file(weights):
         raise CheckpointError(f"{meta_path} does not describe {weights} (SHA-256 differs)")
-    loaded = load_model(weights)
-    fitted = fit(loaded, load_splits(loaded, data_dir, log), log=log)
-    state = load_checkpoint(weights)
-    state["calibration"] = fitted.calibration.as_dict()
-    state["ood"] = fitted.detector.as_dict()
-    for key in ("format", "format_version", "weights_sha256", "config_sha256"):
-        state.pop(key, None)
-    save_checkpoint(weights, state)
+    fitted = calibrate_checkpoint(weights, data_dir=data_dir, log=log)
     meta.update(metadata_record(fitted), bytes=weights.stat().st_size, sha256=hash_file(weights))
     if isinstance(meta.get("card"), dict):
         meta["card"]["calibration"] = dict(meta["calibration"])
