@@ -65,6 +65,12 @@ TRAIN_FLAGS: tuple[tuple[str, str, str], ...] = (
         "average the weights with this decay, e.g. 0.999, reached after ~9/(1-DECAY) steps "
         "(0: off)",
     ),
+    ("--distill-weight", "distill_weight", "with --teacher: the teachers' share of the loss"),
+    (
+        "--distill-temperature",
+        "distill_temperature",
+        "with --teacher: the temperature that softens teachers' and student's answers",
+    ),
     ("--keep-last", "keep_last", "epoch checkpoints to keep besides best.pt"),
     ("--checkpoint-steps", "checkpoint_steps", "also checkpoint every N steps (0: per epoch)"),
     (
@@ -255,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--no-shortcut", action="store_true", help="remove the skip connections (plain net)"
+    )
+    train.add_argument(
+        "--teacher",
+        action="append",
+        metavar="CKPT",
+        help="distil: also learn from this trained checkpoint's softened answers on the same "
+        "batches (repeat for several: their mean is the target)",
     )
     _add_data_options(train)
     _add_overrides(train, TrainConfig, TRAIN_FLAGS)
@@ -622,6 +635,9 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, D
     train_over = _overrides(args, TrainConfig)
     if args.no_accel:
         train_over["accel"] = False
+    if args.teacher:
+        # Absolute, like the data folder: a resumed run finds them from anywhere.
+        train_over["teachers"] = tuple(str(Path(t).expanduser().absolute()) for t in args.teacher)
     train_cfg = dataclasses.replace(chosen.train, **train_over)
     data_over = _overrides(args, DataConfig)
     if args.dataset:

@@ -7,11 +7,23 @@ Training, the degradation experiment, the precision probe and the benchmarks all
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnist_resnet.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """A teacher whose softened probabilities the step also learns from (`distill.Teacher`):
+    the loss is (1 - weight) * cross-entropy + weight * T^2 * KL(teacher || student at T)."""
+
+    teacher: nn.Module
+    weight: float
+    temperature: float
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -21,6 +33,16 @@ class NonFiniteLoss(ArithmeticError):
         super().__init__(f"non-finite loss {value}")
         self.value = value
         self.step = step
+
+
+def distillation_loss(
+    logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(teacher || student) at temperature T, times T^2 so that its gradients keep their size
+    as T changes (Hinton et al. 2015); in fp32, like the cross-entropy beside it."""
+    log_student = F.log_softmax(logits.float() / temperature, dim=1)
+    kl = F.kl_div(log_student, teacher_probs, reduction="batchmean")
+    return kl * temperature**2
 
 
 def train_step(
@@ -33,6 +55,7 @@ def train_step(
     label_smoothing: float = 0.0,
     grad_clip: float = 0.0,
     check_finite: bool = True,
+    distill: Distillation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a normalised float batch; returns (loss, error rate), detached.
 
@@ -47,6 +70,12 @@ def train_step(
         logits = model(images)
     # The loss in fp32: bf16 log-softmax loses the small differences label smoothing makes.
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    if distill is not None:
+        # The teacher sees the same augmented batch, in the same precision and layout.
+        with torch.no_grad(), runtime.autocast():
+            targets = distill.teacher(images)
+        soft = distillation_loss(logits, targets, distill.temperature)
+        loss = (1.0 - distill.weight) * loss + distill.weight * soft
     # Checked before backward: a NaN step would poison the weights and the momentum buffers.
     if check_finite and not torch.isfinite(loss):
         raise NonFiniteLoss(float(loss.detach()))

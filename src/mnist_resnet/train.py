@@ -42,6 +42,7 @@ from mnist_resnet.config import (
     own_data,
     to_dict,
 )
+from mnist_resnet.distill import check_teachers, load_teacher
 from mnist_resnet.errors import TrainingError, TrainingInterrupted
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
@@ -58,7 +59,7 @@ from mnist_resnet.runs import (
     saved_configs,
 )
 from mnist_resnet.runtime import configure_threads, seed_everything
-from mnist_resnet.step import NonFiniteLoss, train_step
+from mnist_resnet.step import Distillation, NonFiniteLoss, train_step
 
 Log = Callable[[str], None]
 
@@ -189,6 +190,7 @@ class _Trainer:
             make_scheduler(optimizer, train_cfg, self.steps_per_epoch),
             average,
         )
+        self.distill, self.teacher_sha256 = self._teacher(train_cfg)
         wrapped = distributed.wrap(self.model, self.dist, self.runtime.device)
         self.forward: nn.Module = wrapped
         if train_cfg.compile:
@@ -217,6 +219,25 @@ class _Trainer:
                     "resume from an older checkpoint file or start a new run"
                 ) from e
 
+    def _teacher(self, cfg: TrainConfig) -> tuple[Distillation | None, list[str]]:
+        if not cfg.teachers:
+            return None, []
+        teacher, files = load_teacher(
+            cfg.teachers,
+            cfg.distill_temperature,
+            tuple(self.data.class_names),
+            (self.data.mean, self.data.std),
+        )
+        self.log(
+            f"distilling from {len(files)} teacher(s) at temperature {cfg.distill_temperature:g}, "
+            f"weight {cfg.distill_weight:g}: "
+            + ", ".join(f"{f.path} (sha256 {f.sha256[:12]})" for f in files)
+        )
+        prepared = self.runtime.prepare_model(teacher.to(self.runtime.device))
+        return Distillation(prepared, cfg.distill_weight, cfg.distill_temperature), [
+            f.sha256 for f in files
+        ]
+
     def _note_short_average(self, average: WeightAverage, total_steps: int) -> None:
         # The ramp, not --ema-decay, sets the average of a run shorter than the ramp: say so,
         # since otherwise two different settings silently train the same weights.
@@ -229,6 +250,8 @@ class _Trainer:
             )
 
     def _restore(self, state: dict[str, Any]) -> None:
+        if self.teacher_sha256 or state.get("teacher_sha256"):
+            check_teachers(state.get("teacher_sha256"), self.teacher_sha256)
         if state.get("data_hashes") != self.data.hashes:
             where = (
                 f"in {self.data_cfg.dataset}"
@@ -307,6 +330,7 @@ class _Trainer:
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
+            **({"teacher_sha256": self.teacher_sha256} if self.teacher_sha256 else {}),
         }
 
     def _save(self, epochs_done: int) -> None:
@@ -471,6 +495,7 @@ class _Trainer:
                 label_smoothing=cfg.label_smoothing,
                 grad_clip=cfg.grad_clip,
                 check_finite=self.check_each_step,
+                distill=self.distill,
             )
         except NonFiniteLoss as e:
             if not cfg.skip_nonfinite:
