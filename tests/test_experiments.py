@@ -27,6 +27,7 @@ from mnist_resnet.model import ResNet, build_model
 TINY = [
     "--dataset", "mnist", "--depths", "8", "14", "--epochs", "1", "--train-images", "512",
     "--val-images", "200", "--test-images", "500", "--batch-size", "128", "--threads", "1",
+    "--seeds", "1",
 ]  # fmt: skip
 
 
@@ -93,6 +94,7 @@ def test_killed_member_resumes_from_its_epoch_checkpoint(mnist_root: Path, tmp_p
         val_images=100,
         test_images=100,
         train_eval_images=100,
+        seeds=1,
     )
     lines: list[str] = []
 
@@ -176,3 +178,41 @@ def test_table_gives_mean_and_sample_std_over_seeds() -> None:
     assert plain["train_error"]["mean"] == pytest.approx(0.20)
     assert plain["train_error"]["std"] == pytest.approx(0.1414, abs=1e-4)
     assert "| plain | 8 | 20.00 ± 14.14% |" in format_table(cfg, rows)
+
+
+def test_the_figure_draws_each_curve_as_mean_with_a_band_over_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.axes import Axes
+
+    from mnist_resnet.experiments.degradation import plot_errors
+
+    cfg = DegradationConfig(depths=(8, 20), seeds=2, epochs=1)
+    steps = 20
+
+    def history(seed: int) -> dict[str, object]:
+        error = [0.5 - 0.01 * i + 0.05 * seed for i in range(steps)]
+        return {
+            "steps_per_epoch": steps,
+            "train": {"iteration": list(range(1, steps + 1)), "error": error},
+            "val": {"iteration": [10, 20], "error": [0.3 + 0.1 * seed, 0.2 + 0.1 * seed]},
+        }
+
+    bands: list[list[float]] = []
+    original = Axes.fill_between
+
+    def spy(self: Axes, x: object, low: list[float], high: list[float], **kw: object) -> object:
+        bands.append([h - lo for lo, h in zip(low, high, strict=True)])
+        return original(self, x, low, high, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Axes, "fill_between", spy)
+    plot_errors(cfg, {m: history(m.seed) for m in members(cfg)}, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 0
+    # Train and validation bands for 2 kinds x 2 depths; the seeds differ by 10 points of
+    # validation error, so that band is 2 x 7.07 points wide (mean ± sample std).
+    assert len(bands) == 8
+    assert any(all(w == pytest.approx(14.14, abs=0.01) for w in b) for b in bands)
+    one = DegradationConfig(depths=(8, 20), seeds=1, epochs=1)
+    bands.clear()
+    plot_errors(one, {m: history(m.seed) for m in members(one)}, tmp_path / "one.png")
+    assert bands == []

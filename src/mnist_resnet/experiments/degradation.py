@@ -446,15 +446,19 @@ def _smooth(
     return out_x, out_y
 
 
-def _mean_curve(runs: list[dict[str, Any]], part: str, key: str) -> tuple[list[int], list[float]]:
-    """Average a curve over seeds, on the iterations every seed reached."""
-    length = min(len(h[part][key]) for h in runs)
-    xs = runs[0][part]["iteration"][:length]
-    ys = [
-        statistics.fmean(h[part][key][i] if h[part][key][i] is not None else math.nan for h in runs)
-        for i in range(length)
-    ]
-    return xs, ys
+def _band(
+    runs: list[dict[str, Any]], part: str, key: str, window: int = 1
+) -> tuple[list[float], list[float], list[float]]:
+    """A curve (each seed's moving average over `window` points) as its mean over seeds and
+    their sample std (0 for one seed), on the iterations every seed reached."""
+    curves = [_smooth(h[part]["iteration"], h[part][key], window) for h in runs]
+    length = min(len(ys) for _, ys in curves)
+    means, stds = [], []
+    for i in range(length):
+        values = [ys[i] for _, ys in curves]
+        means.append(statistics.fmean(values))
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    return curves[0][0][:length], means, stds
 
 
 def plot_errors(cfg: DegradationConfig, histories: dict[Member, dict[str, Any]], out: Path) -> None:
@@ -470,11 +474,17 @@ def plot_errors(cfg: DegradationConfig, histories: dict[Member, dict[str, Any]],
         for depth, colour in zip(depths, colours, strict=True):
             runs = [h for m, h in histories.items() if (m.kind, m.depth) == (kind, depth)]
             window = max(1, runs[0]["steps_per_epoch"] // 5)
-            tx, ty = _smooth(*_mean_curve(runs, "train", "error"), window)
-            vx, vy = _mean_curve(runs, "val", "error")
+            tx, ty, ts = _band(runs, "train", "error", window)
+            vx, vy, vs = _band(runs, "val", "error")
             ax.plot(tx, [100 * y for y in ty], color=colour, lw=0.9, alpha=0.9)
             name = f"{'plain' if kind == 'plain' else 'ResNet'}-{depth}"
             ax.plot(vx, [100 * y for y in vy], color=colour, lw=2.6, marker="o", ms=3, label=name)
+            if len(runs) > 1:
+                # Mean ± one std over the seeds: where two depths' bands part, the seeds agree.
+                for x, y, sd, alpha in ((tx, ty, ts, 0.15), (vx, vy, vs, 0.25)):
+                    low = [100 * (m - d) for m, d in zip(y, sd, strict=True)]
+                    high = [100 * (m + d) for m, d in zip(y, sd, strict=True)]
+                    ax.fill_between(x, low, high, color=colour, alpha=alpha, lw=0)
             top = max(
                 top, *(y for y in ty[len(ty) // 4 :] if math.isfinite(y)), *vy[len(vy) // 4 :]
             )
@@ -489,8 +499,9 @@ def plot_errors(cfg: DegradationConfig, histories: dict[Member, dict[str, Any]],
         ax.legend(title="thin: train, bold: validation", fontsize=9, title_fontsize=8)
     axes[0].set_ylabel("error (%)")
     axes[0].set_ylim(0, min(100.0, 1.25 * 100 * top + 1))
+    seeds = f"mean ± std of {cfg.seeds} seeds" if cfg.seeds > 1 else "one seed"
     fig.suptitle(
-        f"{cfg.dataset}, {cfg.train_images} training images, {cfg.epochs} epochs, "
+        f"{cfg.dataset}, {cfg.train_images} training images, {cfg.epochs} epochs, {seeds}, "
         f"identical recipe (SGD lr {cfg.lr:g}, batch {cfg.batch_size})",
         fontsize=10,
     )
