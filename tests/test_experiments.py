@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mnist_resnet.checkpoint import load_model
 from mnist_resnet.cli import main
 from mnist_resnet.config import ModelConfig
 from mnist_resnet.experiments import DegradationConfig
 from mnist_resnet.experiments.degradation import (
     METRICS,
+    MODEL_FILE,
     ExperimentResult,
     StageGradNorms,
     format_table,
@@ -66,6 +68,11 @@ def test_tiny_experiment_writes_figures_and_table_then_reuses_members(
         assert len(history["train"]["error"]) == history["steps_per_epoch"] == 4
         assert len(history["grad_norms"]["norm"][0]) == 3  # one norm per stage
         assert all(n > 0 for n in history["grad_norms"]["norm"][0])
+        # Its weights are a model file that explain and predict read.
+        model_file = exp / f"{row['kind']}-{row['depth']}-s1" / MODEL_FILE
+        loaded = load_model(model_file)
+        assert loaded.model_config.shortcut == (row["kind"] == "residual")
+        assert loaded.model_config.depth == row["depth"]
     last = out.strip().splitlines()[-1]
     plain14 = next(r for r in table["rows"] if (r["kind"], r["depth"]) == ("plain", 14))
     assert last.startswith("residual-14 train error: ")

@@ -44,6 +44,8 @@ from mnist_resnet.step import NonFiniteLoss, train_step
 Log = Callable[[str], None]
 
 FORMAT_VERSION = 1
+# Each finished member's weights, loadable like any checkpoint (predict, evaluate, explain).
+MODEL_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,26 @@ def train_member(
         "val_error": _error(model, d.val_x, d.val_y, d, runtime),
         "test_error": _error(model, d.test_x, d.test_y, d, runtime),
     }
+    # The final weights as a model file that `predict` and `explain` read, so the story can
+    # show what a plain and a residual net of one depth look at (docs/degradation.md).
+    save_checkpoint(
+        member_dir / MODEL_FILE,
+        {
+            "config": {
+                "preset": "custom",
+                "model": dataclasses.asdict(model_cfg),
+                "train": dataclasses.asdict(train_cfg),
+                "data": dataclasses.asdict(
+                    DataConfig(dataset=cfg.dataset, data_dir="data", augment=False)
+                ),
+            },
+            "model": model.state_dict(),
+            "epoch": state.epoch,
+            "data_hashes": d.hashes,
+            "normalization": {"mean": d.mean, "std": d.std},
+            "class_names": list(d.class_names),
+        },
+    )
     write_json(member_dir / "history.json", history)
     ckpt.unlink(missing_ok=True)
     return history
