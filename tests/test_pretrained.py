@@ -315,3 +315,36 @@ def test_each_model_card_says_what_its_file_holds(name: str) -> None:
     assert f"{card['calibration']['temperature']:.3f}" in section
     assert f"{card['speed']['prepared_28x28_ms']:.1f} ms" in section
     assert meta["sha256"] in section and card["command"] in section
+
+
+def test_a_recipe_with_teachers_trains_them_first_and_keeps_finished_runs(
+    shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _recipe(shapes_run)
+    teacher = pretrained.Recipe(base.preset, base.dataset, 2, base.overrides, base.flags)
+    recipe = pretrained.Recipe(
+        base.preset, base.dataset, 3, base.overrides, base.flags, teachers=(teacher,)
+    )
+    assert recipe.commands == [
+        teacher.command,
+        f"{base.command.replace('--seed 1', '--seed 3')} --teacher "
+        f"{pretrained.RUNS}/{base.dataset}-teacher-s2/best.pt",
+    ]
+    monkeypatch.setitem(pretrained.RECIPES, "shapes", recipe)
+    lines: list[str] = []
+    run_dir = packaging.train_recipe("shapes", tmp_path, log=lines.append)
+    teacher_dir = tmp_path / recipe.teacher_runs[0]
+    student = load_checkpoint(run_dir / "best.pt")
+    assert list(student["config"]["train"]["teachers"]) == [str(teacher_dir / "best.pt")]
+    assert student["teacher_sha256"] == [hash_file(teacher_dir / "best.pt")]
+    assert not packaging.recipe_differences(student["config"], recipe)
+    # Without its teacher it is another recipe.
+    assert packaging.recipe_differences(student["config"], base)
+    # Again: both runs are finished with this recipe and kept, nothing is trained.
+    lines.clear()
+    packaging.train_recipe("shapes", tmp_path, log=lines.append)
+    assert sum("kept" in line for line in lines) == 2 and len(lines) == 2
+    # A finished run of another recipe in the model's folder is refused, not reused.
+    monkeypatch.setitem(pretrained.RECIPES, "shapes", base)
+    with pytest.raises(pretrained.PretrainedError, match="another recipe"):
+        packaging.train_recipe("shapes", tmp_path, log=lines.append)

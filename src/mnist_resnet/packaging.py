@@ -56,7 +56,75 @@ def recipe_differences(config: object, recipe: pretrained.Recipe) -> list[str]:
         for key, want in expected[part].items():
             if key not in pretrained.MACHINE_FIELDS.get(part, ()) and values.get(key) != want:
                 found.append(f"{part}.{key} {values.get(key)!r} (recipe: {want!r})")
+    teachers = len(parts["train"]["teachers"])
+    if teachers != len(recipe.teachers):
+        found.append(f"{teachers} teacher(s) (recipe: {len(recipe.teachers)})")
     return found
+
+
+def train_recipe(
+    name: str,
+    runs_dir: Path,
+    *,
+    data_dir: Path | None = None,
+    threads: int = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train `name`'s recipe in `runs_dir`: its teachers first, then the model itself, each in
+    its own run folder; a finished run of the same recipe is kept, a killed one resumed, one of
+    another recipe refused. Returns the model's run folder, ready for `package`."""
+    recipe = pretrained._known(name)
+    for run, teacher in zip(recipe.teacher_runs, recipe.teachers, strict=True):
+        _train_run(teacher, runs_dir / run, (), data_dir, threads, log)
+    teachers = tuple(str((runs_dir / run / "best.pt").absolute()) for run in recipe.teacher_runs)
+    _train_run(recipe, runs_dir / name, teachers, data_dir, threads, log)
+    return runs_dir / name
+
+
+def _train_run(
+    recipe: pretrained.Recipe,
+    run_dir: Path,
+    teachers: tuple[str, ...],
+    data_dir: Path | None,
+    threads: int,
+    log: Callable[[str], None],
+) -> None:
+    from mnist_resnet.checkpoint import load_checkpoint
+    from mnist_resnet.train import train
+
+    data_root = str((data_dir or Path(default_data_dir())).expanduser().absolute())
+    if (run_dir / "result.json").is_file():
+        differences = recipe_differences(load_checkpoint(run_dir / "best.pt")["config"], recipe)
+        if differences:
+            raise pretrained.PretrainedError(
+                f"{run_dir} holds a finished run of another recipe ({'; '.join(differences[:3])}"
+                "); delete it, or give another --runs-dir"
+            )
+        log(f"{run_dir}: finished earlier with this recipe, kept")
+        return
+    configs = recipe.configs()
+    train_cfg = dataclasses.replace(
+        from_dict(TrainConfig, configs["train"]),
+        runs_dir=str(run_dir.parent),
+        name=run_dir.name,
+        threads=threads,
+        teachers=teachers,
+    )
+    data_cfg = dataclasses.replace(from_dict(DataConfig, configs["data"]), data_dir=data_root)
+    model_cfg = from_dict(ModelConfig, configs["model"])
+    log(f"{run_dir}: {recipe.command_in(str(run_dir.parent))}")
+    if run_dir.exists():
+        train(
+            model_cfg,
+            train_cfg,
+            data_cfg,
+            preset=recipe.preset,
+            log=log,
+            resume=run_dir,
+            resume_data_dir=data_root,
+        )
+    else:
+        train(model_cfg, train_cfg, data_cfg, preset=recipe.preset, log=log)
 
 
 def package(
@@ -98,7 +166,11 @@ def package(
     config = json.loads(json.dumps(state["config"]))
     # This machine's paths mean nothing elsewhere: the ones `make pretrained` uses instead.
     config["data"]["data_dir"] = "data"
-    config["train"].update(runs_dir="runs/pretrained", name=name)
+    config["train"].update(
+        runs_dir=pretrained.RUNS,
+        name=name,
+        teachers=[f"{pretrained.RUNS}/{run}/best.pt" for run in recipe.teacher_runs],
+    )
     shipped["config"] = config
     trained = datetime.datetime.fromtimestamp(result_file.stat().st_mtime, datetime.UTC)
     meta: dict[str, Any] = {

@@ -38,6 +38,8 @@ SHA256: dict[str, str] = {
     "fashion-mnist": "171e2479f44be83d8684c699259fac81946ce61e092c5d986aec862ac5cf144b",
 }
 SUFFIX = ".safetensors"
+# Where `make pretrained` trains the runs it packages.
+RUNS = "runs/pretrained"
 # Settings that say where or how fast a run went, not what it learned: ignored when a run is
 # compared with its recipe, and the paths replaced in the shipped config.
 MACHINE_FIELDS = {
@@ -55,6 +57,8 @@ MACHINE_FIELDS = {
         "compile_mode",
         "device_data",
         "deterministic",
+        # Where this machine keeps the teachers' files; how many there are is checked apart.
+        "teachers",
     },
     "data": {"data_dir"},
 }
@@ -75,18 +79,37 @@ class Recipe:
     # The model card's words: what the model is for, and where it is known to fail.
     use: str = ""
     limits: tuple[str, ...] = ()
+    # Knowledge distillation (distill.py): recipes of the runs this one learns from, trained
+    # first, each in `<runs>/<dataset>-teacher-s<seed>/` (`teacher_runs`).
+    teachers: tuple[Recipe, ...] = ()
 
     @property
-    def command(self) -> str:
+    def teacher_runs(self) -> list[str]:
+        return [f"{t.dataset}-teacher-s{t.seed}" for t in self.teachers]
+
+    def command_in(self, runs_dir: str) -> str:
+        """The train command of this recipe, its teachers' runs read from `runs_dir`."""
         return " ".join(
             part
             for part in (
                 f"mnist-resnet train --preset {self.preset} --dataset {self.dataset}",
                 f"--seed {self.seed}",
                 self.flags,
+                *(f"--teacher {runs_dir}/{run}/best.pt" for run in self.teacher_runs),
             )
             if part
         )
+
+    @property
+    def command(self) -> str:
+        """The command that trains this model, as `make pretrained` runs it (after its
+        teachers: `commands`)."""
+        return self.command_in(RUNS)
+
+    @property
+    def commands(self) -> list[str]:
+        """Every train command that makes this model, teachers first."""
+        return [t.command for t in self.teachers] + [self.command]
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """The model, train and data configs this recipe trains with, as dicts."""
