@@ -549,7 +549,17 @@ T = TypeVar("T")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as JSON would give it back (tuples as lists), so a checkpoint's copy and its
+    config.json compare equal."""
+    return _json_shaped(dataclasses.asdict(cfg))
+
+
+def _json_shaped(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_shaped(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_json_shaped(v) for v in value]
+    return value
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
