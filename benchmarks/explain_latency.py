@@ -7,9 +7,11 @@ shipped model); /predict of the same request beside it, and the server's explain
     .venv/bin/python benchmarks/explain_latency.py [--repeats 100] [--core 1]
 
 The server runs under `taskset -c CORE`, the client on the other cores. The three are timed in
-turn, one of each per round, so a change in the machine's other load reaches all three alike.
-Prints the medians and writes benchmarks/results-explain-latency.json with the CPU, the load
-average before and after (other work on the machine shows there) and the commit.
+turn, one of each per round, so a change in the machine's other load reaches all three alike;
+beside the wall time, the CPU time each took (the server's, or the explainer thread's), which
+other work sharing the core does not stretch. Prints the medians and writes
+benchmarks/results-explain-latency.json with the CPU, the load average before and after (other
+work on the machine shows there) and the commit.
 """
 
 from __future__ import annotations
@@ -74,9 +76,25 @@ def _cpu_name() -> str:
     return f"{name} (family {family}, model {model})" if family and model else name
 
 
+def _tree_cpu_ns(pid: int) -> int:
+    """CPU time so far of a process, its threads and its descendants' (Granian's worker), in ns
+    (the scheduler's own count: /proc/PID/task/TID/schedstat)."""
+    total, todo = 0, [pid]
+    while todo:
+        tasks = Path(f"/proc/{todo.pop()}/task")
+        try:
+            for task in tasks.iterdir():
+                total += int((task / "schedstat").read_text().split()[0])
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # a thread or process that ended meanwhile
+    return total
+
+
 @contextmanager
-def served(model: str, core: int) -> Iterator[httpx.Client]:
-    """`mnist-resnet serve --pretrained MODEL` on `core`, one worker, one thread, once ready."""
+def served(model: str, core: int) -> Iterator[tuple[httpx.Client, int]]:
+    """`mnist-resnet serve --pretrained MODEL` on `core`, one worker, one thread, once ready:
+    a client, and the server's process id."""
     port = _free_port()
     argv = [sys.executable, "-m", "mnist_resnet", "serve", "--pretrained", model]
     argv += ["--port", str(port), "--threads", "1", "--workers", "1"]
@@ -95,19 +113,20 @@ def served(model: str, core: int) -> Iterator[httpx.Client]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("error: the server did not become ready")
                 time.sleep(0.2)
-            yield client
+            yield client, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
-def _stats(ms: list[float]) -> dict[str, float]:
+def _stats(ms: list[float], cpu_ms: list[float]) -> dict[str, float]:
     ms = sorted(ms)
     return {
         "median_ms": round(statistics.median(ms), 1),
         "p10_ms": round(ms[len(ms) // 10], 1),
         "p90_ms": round(ms[(9 * len(ms)) // 10], 1),
         "min_ms": round(ms[0], 1),
+        "cpu_median_ms": round(statistics.median(cpu_ms), 1),
     }
 
 
@@ -136,24 +155,32 @@ def measure(model: str, core: int, repeats: int) -> dict[str, Any]:
         finally:
             os.sched_setaffinity(0, others)
 
-    times: dict[str, list[float]] = {"explain": [], "predict": [], "explainer_alone": []}
+    names = ("explain", "predict", "explainer_alone")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     os.sched_setaffinity(0, others)  # the client stays off the server's core
-    with served(model, core) as client:
+    with served(model, core) as (client, pid):
+        # CPU time, beside the wall time that other work on the core stretches: the server's
+        # whole process tree for a request, this thread for the explainer alone.
+        server_cpu = lambda: _tree_cpu_ns(pid) / 1e6  # noqa: E731
+        thread_cpu = lambda: time.thread_time_ns() / 1e6  # noqa: E731
         steps = {
-            "explain": post(client, "/explain"),
-            "predict": post(client, "/predict"),
-            "explainer_alone": alone,
+            "explain": (post(client, "/explain"), server_cpu),
+            "predict": (post(client, "/predict"), server_cpu),
+            "explainer_alone": (alone, thread_cpu),
         }
         for i in range(WARM_UP + repeats):
-            for name, step in steps.items():
-                started = time.perf_counter()
+            for name, (step, cpu_now) in steps.items():
+                cpu_before, started = cpu_now(), time.perf_counter()
                 step()
+                elapsed, cpu_used = time.perf_counter() - started, cpu_now() - cpu_before
                 if i >= WARM_UP:  # the first rounds warm the connection and the allocator
-                    times[name].append(1e3 * (time.perf_counter() - started))
+                    times[name].append(1e3 * elapsed)
+                    cpu[name].append(cpu_used)
     explainer.close()
     said = answers["/explain"].json()["predictions"][0]
     return {
-        **{name: _stats(ms) for name, ms in times.items()},
+        **{name: _stats(times[name], cpu[name]) for name in names},
         "explain_bytes": len(answers["/explain"].content),
         "prediction": said["prediction"],
     }
@@ -190,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     e, p, a = measured["explain"], measured["predict"], measured["explainer_alone"]
     print(
         f"{args.model}: /explain median {e['median_ms']} ms (p10 {e['p10_ms']}, p90 "
-        f"{e['p90_ms']}), /predict {p['median_ms']} ms, the explainer alone {a['median_ms']} ms; "
-        f"{explain.LIVE_STEPS} steps, 1 core of {record['cpu']}, load average "
-        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+        f"{e['p90_ms']}; server CPU {e['cpu_median_ms']} ms), /predict {p['median_ms']} ms "
+        f"(CPU {p['cpu_median_ms']}), the explainer alone {a['median_ms']} ms (CPU "
+        f"{a['cpu_median_ms']}); {explain.LIVE_STEPS} steps, 1 core of {record['cpu']}, load "
+        f"average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
