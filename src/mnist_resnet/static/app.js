@@ -222,7 +222,7 @@
   pad.addEventListener("pointerup", stop);
   pad.addEventListener("pointercancel", stop);
   document.getElementById("clear").addEventListener("click", reset);
-  // Off by default: an update then costs the server about 8 times the CPU of a prediction
+  // Off by default: an update then costs the server about 15 times the CPU of a prediction
   // (docs/serving.md), and most visitors come to see the guess. Switched on, what is drawn
   // already is explained at once (after the request in flight, if any).
   explainBox.addEventListener("change", () => {
