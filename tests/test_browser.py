@@ -7,7 +7,7 @@ import io
 import itertools
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,59 @@ def test_drawing_a_digit_shows_the_api_prediction(
 
     browser.find_element(By.ID, "clear").click()
     assert browser.find_element(By.ID, "prediction").text == "–"
+
+
+# Per pixel of a 28x28 canvas: its alpha, and whether it is warm (red over blue) where not clear.
+HEAT_PIXELS = """
+const c = document.getElementById(arguments[0]);
+const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+const alpha = [], warm = [];
+for (let i = 0; i < d.length; i += 4) { alpha.push(d[i + 3]); warm.push(d[i] > d[i + 2]); }
+return [alpha, warm];
+"""
+
+
+def test_the_toggle_shows_what_the_network_looks_at_as_the_user_draws(
+    server: str, browser: webdriver.Chrome, record_property: Callable[[str, object], None]
+) -> None:
+    import httpx
+
+    browser.get(server + "/")
+    why = browser.find_element(By.ID, "why")
+    assert not why.is_displayed()  # off by default
+    browser.find_element(By.ID, "explain").click()
+    assert why.is_displayed()
+    _draw(browser, [SEVEN])
+    WebDriverWait(browser, 20).until(
+        lambda d: d.find_element(By.ID, "why").get_attribute("data-drawn") == "true"
+    )
+    assert browser.find_element(By.ID, "prediction").text == "7"
+    assert browser.find_element(By.ID, "why-answer-label").text.startswith("answer: 7 (")
+    assert browser.find_element(By.ID, "why-runner-up-label").text.startswith("runner-up: ")
+    alpha, warm = (
+        np.array(v).reshape(28, 28) for v in browser.execute_script(HEAT_PIXELS, "why-answer")
+    )
+    # Visible: the strokes that make it a 7 speak for it.
+    assert (alpha > 0).sum() >= 20 and (warm & (alpha > 64)).any()
+    record_property("explain_update_ms", float(why.get_attribute("data-ms") or "nan"))
+
+    # The overlay is the API's map of the answer for the very pixels on the canvas, on the scale
+    # of the larger of the two maps.
+    png = _canvas_png(browser)
+    answer = httpx.post(
+        server + "/explain", files={"file": ("canvas.png", png, "image/png")}, timeout=60
+    )
+    assert answer.status_code == 200
+    best = answer.json()["predictions"][0]
+    maps = np.array([a["attribution"] for a in best["attributions"]])
+    expected = np.round(255 * np.abs(maps[0]) / np.abs(maps).max())
+    assert np.abs(alpha - expected).max() <= 2
+    assert (warm == (maps[0] > 0))[alpha > 8].all()
+
+    browser.find_element(By.ID, "clear").click()
+    assert why.get_attribute("data-drawn") is None
+    browser.find_element(By.ID, "explain").click()
+    assert not why.is_displayed()
 
 
 def test_a_two_pixel_pen_is_read_like_a_thick_one(server: str, browser: webdriver.Chrome) -> None:

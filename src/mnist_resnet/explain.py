@@ -85,10 +85,15 @@ def _inputs(loaded: LoadedModel, images_u8: Tensor | NDArray[np.uint8]) -> Tenso
 
 
 def attributions(
-    loaded: LoadedModel, x: Tensor, targets: Sequence[int], steps: int = STEPS
+    loaded: LoadedModel,
+    x: Tensor,
+    targets: Sequence[int],
+    steps: int = STEPS,
+    batch: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Integrated gradients of each target's logit for the standardised images `x` (N, 1, H, W),
-    one target per image, and their completeness gaps (N,)."""
+    one target per image, and their completeness gaps (N,). `batch`: images on the path per
+    forward and backward pass (Captum's internal_batch_size; None: all N x steps at once)."""
     model = loaded.model.eval()
     blank = torch.full_like(x, -loaded.mean / loaded.std)
     target = torch.tensor(list(targets))
@@ -99,6 +104,7 @@ def attributions(
             baselines=blank,
             target=target,
             n_steps=steps,
+            internal_batch_size=batch,
             return_convergence_delta=True,
         )
     return maps.detach()[:, 0], delta.detach()
@@ -137,17 +143,18 @@ def explain(
     classes: int = 2,
     steps: int = STEPS,
     maps_per_stage: int = MAPS_PER_STAGE,
+    batch: int | None = None,
 ) -> list[Explanation]:
     """Explanations of prepared 28x28 images (N, 28, 28) or one (28, 28): the attribution maps
     of the `classes` most probable classes, and `maps_per_stage` feature maps per stage
-    (0: none)."""
+    (0: none). `batch` as in `attributions`: the same maps, in smaller passes."""
     x = _inputs(loaded, images_u8)
     probs, stages = _forward(loaded, x)
     k = max(1, min(classes, probs.shape[1]))
     top_p, top_i = probs.topk(k, dim=1)
     # Every (image, class) pair in one batch: Captum runs its steps for all of them at once.
     pairs = x.repeat_interleave(k, dim=0)
-    maps, delta = attributions(loaded, pairs, top_i.flatten().tolist(), steps)
+    maps, delta = attributions(loaded, pairs, top_i.flatten().tolist(), steps, batch)
     maps, delta = maps.view(len(x), k, *x.shape[2:]), delta.view(len(x), k)
     pixels = torch.as_tensor(np.asarray(images_u8, dtype=np.uint8)).reshape(len(x), *x.shape[2:])
     out = []

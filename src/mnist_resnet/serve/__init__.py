@@ -1,6 +1,8 @@
 """HTTP API (FastAPI on Granian) and the draw-a-digit page; the model is loaded once per process.
 
 Endpoints: `POST /predict` (image uploads, or JSON 28x28 pixel arrays; batches allowed),
+`POST /explain` (the same inputs, at most `MAX_EXPLAIN` images: /predict's answer with the
+prepared input and the integrated-gradients maps of the answer and the runner-up),
 `GET /health`, `/livez`, `/readyz`, `/model`, `/metrics` (Prometheus), `/openapi.json`, and
 `GET /` (the page, assets beside this file, nothing from a CDN). Bodies over `MAX_BODY_BYTES`
 get 413, unreadable images 400, unusable content (blank canvas, wrong shape) 422. Each request
@@ -21,14 +23,15 @@ from mnist_resnet.serve.middleware import (
     BodyBudget,
     BodySizeLimit,
 )
-from mnist_resnet.serve.parsing import MAX_BATCH, MAX_UPLOAD_PIXELS, TOP_K
+from mnist_resnet.serve.parsing import MAX_BATCH, MAX_EXPLAIN, MAX_UPLOAD_PIXELS, TOP_K
 from mnist_resnet.serve.process import METRICS_PREFIX, SETTINGS_ENV, app_from_environment, serve
-from mnist_resnet.serve.service import image_threads, make_scorer
+from mnist_resnet.serve.service import Explainer, image_threads, make_scorer
 
 __all__ = [
     "LOCAL_HOSTS",
     "MAX_BATCH",
     "MAX_BODY_BYTES",
+    "MAX_EXPLAIN",
     "MAX_UPLOAD_PIXELS",
     "METRICS_PREFIX",
     "MULTIPROC_ENV",
@@ -38,6 +41,7 @@ __all__ = [
     "TOP_K",
     "BodyBudget",
     "BodySizeLimit",
+    "Explainer",
     "Metrics",
     "app_from_environment",
     "create_app",

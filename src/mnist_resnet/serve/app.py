@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,16 +40,47 @@ from mnist_resnet.serve.middleware import (
 )
 from mnist_resnet.serve.parsing import (
     MAX_BATCH,
+    MAX_EXPLAIN,
+    ExplainResponse,
     PixelBatch,
     PredictResponse,
+    as_explained,
     as_response,
     json_batch,
     rank_top_k,
     upload_batch,
 )
-from mnist_resnet.serve.service import image_threads, make_scorer
+from mnist_resnet.serve.service import Explainer, image_threads, make_scorer
 
 STATIC_DIR = Path(str(resources.files("mnist_resnet") / "static"))
+
+T = TypeVar("T")
+# json_batch or upload_batch: (request, preparation, image pool, most images) -> (batch, top_k)
+Reader = Callable[
+    [Request, str, ThreadPoolExecutor, int], Awaitable[tuple[np.ndarray[Any, Any], int]]
+]
+
+# The request body both image endpoints take, for the schema.
+IMAGES_BODY = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                        }
+                    },
+                    "required": ["file"],
+                }
+            },
+            "application/json": {"schema": PixelBatch.model_json_schema()},
+        },
+        "required": True,
+    }
+}
 
 
 def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
@@ -66,6 +97,8 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
     # The first calls build the kernels: done here, so readiness means a fast first answer.
     for n in sorted({1, config.max_batch}):
         scorer(np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+    explainer = Explainer(checkpoint)
+    explainer.explain(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
     metrics = Metrics()
     batcher = MicroBatcher(
         scorer,
@@ -109,6 +142,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         "batching": {"max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms},
         "max_body_bytes": MAX_BODY_BYTES,
         "max_batch": MAX_BATCH,
+        "explain": {"max_images": MAX_EXPLAIN, "steps": explainer.steps},
     }
 
     @asynccontextmanager
@@ -116,6 +150,7 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
         yield
         await run_in_threadpool(batcher.close)
         image_pool.shutdown(wait=False)
+        explainer.close()
 
     app = FastAPI(
         title="mnist-resnet",
@@ -166,54 +201,35 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
     def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post(
-        "/predict",
-        response_model=PredictResponse,
-        response_model_by_alias=True,
-        openapi_extra={
-            "requestBody": {
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {
-                                "file": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "binary"},
-                                }
-                            },
-                            "required": ["file"],
-                        }
-                    },
-                    "application/json": {"schema": PixelBatch.model_json_schema()},
-                },
-                "required": True,
-            }
-        },
-    )
-    async def predict(request: Request, response: Response) -> PredictResponse:
-        """Top-k classes for uploaded images (multipart field `file`, repeatable; any format,
-        size and polarity, preprocessed MNIST-style) or a JSON body `{"images": [28x28, ...]}`.
-        """
+    def reader_for(request: Request) -> Reader:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind not in ("application/json", "multipart/form-data"):
             raise HTTPException(
                 415, "send multipart/form-data with image file(s) in field 'file', or JSON"
             )
-        reader = json_batch if kind == "application/json" else upload_batch
+        return json_batch if kind == "application/json" else upload_batch
 
-        async def answer() -> PredictResponse:
-            async with admission:  # released once the body is down to 28x28 images
-                batch, k = await reader(request, loaded.data_config.preparation, image_pool)
-            scores = await batcher.submit(batch)
-            # The scorer's last column is the out-of-distribution score (inference.Scorer).
-            ranked = rank_top_k(scores[:, :-1], k, class_names)
-            return as_response(ranked, scores[:, -1].tolist(), threshold)
-
+    async def answered(
+        request: Request,
+        response: Response,
+        max_images: int,
+        then: Callable[[np.ndarray[Any, Any], int], Awaitable[T]],
+    ) -> T:
+        """`then(images, top_k)` for the request's images, read and prepared within the limits,
+        in time."""
+        reader = reader_for(request)
         response.headers["X-Model-SHA256"] = sha256
         # The whole body first, before admission: a slow upload then holds no admission slot
         # (BodySizeLimit bounds its time: --body-timeout per pause, --request-timeout in all).
         await request.body()
+
+        async def answer() -> T:
+            async with admission:  # released once the body is down to 28x28 images
+                batch, k = await reader(
+                    request, loaded.data_config.preparation, image_pool, max_images
+                )
+            return await then(batch, k)
+
         try:
             return await asyncio.wait_for(answer(), config.request_timeout_s)
         except TimeoutError:
@@ -222,5 +238,38 @@ def create_app(checkpoint: Path, config: ServeConfig | None = None) -> FastAPI:
             ) from None
         except BatcherClosed as e:
             raise HTTPException(503, str(e)) from None
+
+    async def predicted(batch: np.ndarray[Any, Any], k: int) -> PredictResponse:
+        scores = await batcher.submit(batch)
+        # The scorer's last column is the out-of-distribution score (inference.Scorer).
+        ranked = rank_top_k(scores[:, :-1], k, class_names)
+        return as_response(ranked, scores[:, -1].tolist(), threshold)
+
+    async def explained(batch: np.ndarray[Any, Any], k: int) -> ExplainResponse:
+        said, why = await asyncio.gather(predicted(batch, k), explainer.submit(batch))
+        return as_explained(said, why, class_names, explainer.steps)
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_by_alias=True,
+        openapi_extra=IMAGES_BODY,
+    )
+    async def predict(request: Request, response: Response) -> PredictResponse:
+        """Top-k classes for uploaded images (multipart field `file`, repeatable; any format,
+        size and polarity, preprocessed MNIST-style) or a JSON body `{"images": [28x28, ...]}`.
+        """
+        return await answered(request, response, MAX_BATCH, predicted)
+
+    @app.post(
+        "/explain",
+        response_model=ExplainResponse,
+        response_model_by_alias=True,
+        openapi_extra=IMAGES_BODY,
+    )
+    async def explain(request: Request, response: Response) -> ExplainResponse:
+        """What /predict answers, and why: for each image (at most `MAX_EXPLAIN`) the prepared
+        28x28 input and the integrated-gradients maps of the answer and the runner-up."""
+        return await answered(request, response, MAX_EXPLAIN, explained)
 
     return app

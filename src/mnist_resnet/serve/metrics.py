@@ -80,7 +80,7 @@ class MeasureRequests:
 
     # Known endpoints by name; anything else is counted as "other", so a scan of random
     # paths cannot create a label per path.
-    PATHS = ("/", "/predict", "/health", "/livez", "/readyz", "/model", "/metrics")
+    PATHS = ("/", "/predict", "/explain", "/health", "/livez", "/readyz", "/model", "/metrics")
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app

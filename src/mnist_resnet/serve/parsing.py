@@ -1,5 +1,5 @@
-"""Reading a /predict request: JSON pixel arrays or image uploads (decoded and prepared on the
-image pool, within the pixel budget) into a uint8 batch; and the answer's shape.
+"""Reading a /predict or /explain request: JSON pixel arrays or image uploads (decoded and
+prepared on the image pool, within the pixel budget) into a uint8 batch; and the answers' shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
 from mnist_resnet.errors import printable
+from mnist_resnet.explain import Explanation, as_record
 from mnist_resnet.images import (
     IMAGE_SIZE,
     BlankImage,
@@ -29,6 +30,11 @@ from mnist_resnet.ood import VERDICTS, verdict
 from mnist_resnet.predict import Ranked
 
 MAX_BATCH = 64
+
+# Images per /explain request: each costs ~90 ms of a core (integrated gradients of two classes
+# at explain.LIVE_STEPS for the shipped model; docs/serving.md), where /predict's model takes
+# well under 1 ms an image: 8 keep a request under a second of CPU.
+MAX_EXPLAIN = 8
 
 TOP_K = 3
 
@@ -81,6 +87,34 @@ class PredictResponse(BaseModel):
     predictions: list[ImagePrediction]
 
 
+class Attribution(BaseModel):
+    label: str = Field(..., alias="class")
+    index: int
+    probability: float
+    attribution: list[list[float]] = Field(
+        ...,
+        description="28x28 integrated gradients of the class's logit over the prepared input: "
+        "positive pixels speak for the class, negative ones against it",
+    )
+    completeness_gap: float = Field(
+        ..., description="the map's sum minus the logit's change from a blank image"
+    )
+
+
+class ImageExplanation(ImagePrediction):
+    image: list[list[int]] = Field(
+        ..., description="the prepared 28x28 input the model saw, 0..255, white ink on black"
+    )
+    steps: int = Field(..., description="integration steps of the attributions")
+    attributions: list[Attribution] = Field(
+        ..., description="the answer's map, then the runner-up's (explain.explain)"
+    )
+
+
+class ExplainResponse(BaseModel):
+    predictions: list[ImageExplanation]
+
+
 def rank_top_k(scores: np.ndarray[Any, Any], k: int, names: Sequence[str]) -> list[list[Ranked]]:
     k = max(1, min(k, scores.shape[1]))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -111,12 +145,38 @@ def as_response(
     )
 
 
+def as_explained(
+    predicted: PredictResponse,
+    explained: Sequence[Explanation],
+    names: Sequence[str],
+    steps: int,
+) -> ExplainResponse:
+    """The /predict answer of each image, with its prepared input and its maps (in the numbers
+    of `mnist-resnet explain --json`)."""
+    return ExplainResponse(
+        predictions=[
+            ImageExplanation(
+                prediction=p.prediction,
+                top=p.top,
+                verdict=p.verdict,
+                ood_score=p.ood_score,
+                image=e.image.tolist(),
+                steps=steps,
+                attributions=[
+                    Attribution.model_validate(c) for c in as_record(e, names)["classes"]
+                ],
+            )
+            for p, e in zip(predicted.predictions, explained, strict=True)
+        ]
+    )
+
+
 async def _in_thread(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
 async def json_batch(
-    request: Request, mode: str, pool: ThreadPoolExecutor
+    request: Request, mode: str, pool: ThreadPoolExecutor, max_images: int = MAX_BATCH
 ) -> tuple[np.ndarray[Any, Any], int]:
     raw = await request.body()
     try:
@@ -129,8 +189,8 @@ async def json_batch(
     except ValueError as e:
         first = str(e).strip().splitlines()
         raise HTTPException(422, f"invalid JSON body: {' '.join(first[:3])[:300]}") from None
-    if len(body.images) > MAX_BATCH:
-        raise HTTPException(422, f"at most {MAX_BATCH} images per request")
+    if len(body.images) > max_images:
+        raise HTTPException(422, f"at most {max_images} images per request")
     images = []
     for i, image in enumerate(body.images):
         rows = {len(row) for row in image}
@@ -156,7 +216,7 @@ async def json_batch(
 
 
 async def upload_batch(
-    request: Request, mode: str, pool: ThreadPoolExecutor
+    request: Request, mode: str, pool: ThreadPoolExecutor, max_images: int = MAX_BATCH
 ) -> tuple[np.ndarray[Any, Any], int]:
     try:
         form = await request.form(max_files=MAX_BATCH, max_fields=MAX_BATCH + 4)
@@ -167,6 +227,8 @@ async def upload_batch(
     uploads = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
     if not uploads:
         raise HTTPException(422, "no image: send the image(s) in multipart field 'file'")
+    if len(uploads) > max_images:
+        raise HTTPException(422, f"at most {max_images} images per request")
     k_field = form.get("top_k", str(TOP_K))
     # isdecimal accepts only 0-9 in any script, which int() reads; isdigit would let "²" by.
     # Two digits at most: int() of a 5,000-digit string raises (Python's conversion limit).

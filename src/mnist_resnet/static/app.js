@@ -1,6 +1,9 @@
 // Draw on the canvas (pointer events: mouse, pen and touch), send it as a PNG to POST /predict
 // while drawing (one request in flight at a time), show the top-3 classes with bars, and say
 // "not a digit" or "not sure" when the server's verdict says so (docs/calibration.md).
+// With "show what the network looks at" on, the same loop asks POST /explain instead: /predict's
+// answer plus the 28x28 input the model saw and the integrated-gradients maps of the answer and
+// the runner-up, drawn over that input (red for the class, blue against, one symmetric scale).
 "use strict";
 (function () {
   const pad = document.getElementById("pad");
@@ -10,6 +13,15 @@
   const status = document.getElementById("status");
   const pen = document.getElementById("pen");
   const penWidth = document.getElementById("pen-width");
+  const explainBox = document.getElementById("explain");
+  const why = document.getElementById("why");
+  const whyTiming = document.getElementById("why-timing");
+  const panels = ["why-answer", "why-runner-up"].map((id) => {
+    const heat = document.getElementById(id);
+    return { heat, input: heat.previousElementSibling, label: document.getElementById(`${id}-label`) };
+  });
+  const WARM = [208, 28, 0]; // the legend's colours (style.css)
+  const COOL = [31, 95, 255];
   let drawing = false;
   let last = null;
   let inked = false;
@@ -40,6 +52,7 @@
     delete pad.dataset.verdict;
     top.replaceChildren();
     status.textContent = "waiting for a stroke";
+    clearWhy();
     setState();
   }
 
@@ -90,6 +103,51 @@
     );
   }
 
+  function clearWhy() {
+    for (const panel of panels) {
+      for (const c of [panel.input, panel.heat]) c.getContext("2d").clearRect(0, 0, c.width, c.height);
+      panel.label.textContent = "";
+    }
+    whyTiming.textContent = "";
+    delete why.dataset.drawn;
+  }
+
+  // The maps of the answer and the runner-up over the input the model saw (dimmed), on one scale
+  // symmetric around 0: opaque red or blue where a pixel counts most, for or against the class.
+  function drawWhy(best, ms) {
+    const size = best.image.length;
+    let limit = 0;
+    for (const m of best.attributions) {
+      for (const row of m.attribution) for (const v of row) limit = Math.max(limit, Math.abs(v));
+    }
+    panels.forEach((panel, j) => {
+      const m = best.attributions[j];
+      const inputCtx = panel.input.getContext("2d");
+      const heatCtx = panel.heat.getContext("2d");
+      const base = inputCtx.createImageData(size, size);
+      const heat = heatCtx.createImageData(size, size);
+      for (let y = 0; y < size; y++) {
+        for (let x = 0; x < size; x++) {
+          const i = 4 * (y * size + x);
+          base.data.fill(Math.round(best.image[y][x] / 3), i, i + 3);
+          base.data[i + 3] = 255;
+          const a = m && limit > 0 ? Math.max(-1, Math.min(1, m.attribution[y][x] / limit)) : 0;
+          heat.data.set(a > 0 ? WARM : COOL, i);
+          heat.data[i + 3] = Math.round(255 * Math.abs(a));
+        }
+      }
+      inputCtx.putImageData(base, 0, 0);
+      heatCtx.putImageData(heat, 0, 0);
+      const role = j === 0 ? "answer" : "runner-up";
+      panel.label.textContent = m ? `${role}: ${m.class} (${(100 * m.probability).toFixed(1)}%)` : "";
+    });
+    whyTiming.textContent = `, ${best.steps} steps; last update ${Math.round(ms)} ms`;
+    // Tests and scripts wait on this (and on the pad's data-state) instead of sleeping.
+    why.dataset.drawn = "true";
+    why.dataset.ms = ms.toFixed(1);
+    why.dispatchEvent(new CustomEvent("explained", { detail: { ms } }));
+  }
+
   function send() {
     if (!inked) return;
     if (inFlight) {
@@ -101,15 +159,21 @@
     dirty = false;
     setState();
     const asked = generation;
+    const explaining = explainBox.checked;
+    const started = performance.now();
     pad.toBlob((blob) => {
       const form = new FormData();
       form.append("file", blob, "canvas.png");
-      fetch("/predict", { method: "POST", body: form })
+      fetch(explaining ? "/explain" : "/predict", { method: "POST", body: form })
         .then((r) => r.json().then((body) => ({ ok: r.ok, body })))
         .then(({ ok, body }) => {
           if (asked !== generation) return;
           if (ok) {
             show(body);
+            // An answer from before the toggle was switched off draws nothing.
+            if (explaining && explainBox.checked) {
+              drawWhy(body.predictions[0], performance.now() - started);
+            }
             const verdict = body.predictions[0].verdict;
             status.textContent =
               verdict === "out_of_distribution"
@@ -119,6 +183,7 @@
                   : "";
           } else {
             status.textContent = body.detail || "the server refused the drawing";
+            clearWhy();
           }
         })
         .catch(() => {
@@ -157,6 +222,14 @@
   pad.addEventListener("pointerup", stop);
   pad.addEventListener("pointercancel", stop);
   document.getElementById("clear").addEventListener("click", reset);
+  // Off by default: an update then costs the server about 15 times the CPU of a prediction
+  // (docs/serving.md), and most visitors come to see the guess. Switched on, what is drawn
+  // already is explained at once (after the request in flight, if any).
+  explainBox.addEventListener("change", () => {
+    why.hidden = !explainBox.checked;
+    clearWhy();
+    if (explainBox.checked) send();
+  });
   // Any pen from a fine 1 px to a marker: the server brings strokes to MNIST's thickness.
   pen.addEventListener("input", () => {
     ctx.lineWidth = Number(pen.value);
