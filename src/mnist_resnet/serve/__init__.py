@@ -22,7 +22,13 @@ from mnist_resnet.serve.middleware import (
     BodySizeLimit,
 )
 from mnist_resnet.serve.parsing import MAX_BATCH, MAX_UPLOAD_PIXELS, TOP_K
-from mnist_resnet.serve.process import METRICS_PREFIX, SETTINGS_ENV, app_from_environment, serve
+from mnist_resnet.serve.process import (
+    METRICS_PREFIX,
+    SETTINGS_ENV,
+    app_from_environment,
+    serve,
+    start,
+)
 from mnist_resnet.serve.service import image_threads, make_scorer
 
 __all__ = [
@@ -44,4 +50,5 @@ __all__ = [
     "image_threads",
     "make_scorer",
     "serve",
+    "start",
 ]
