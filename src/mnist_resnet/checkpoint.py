@@ -55,6 +55,8 @@ INFERENCE_KEYS = (
     "pretrained",
 )
 SAFETENSORS_SUFFIX = ".safetensors"
+# What a command line's argument must end in to be read as a checkpoint rather than an image.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
 
 
 class CheckpointError(UserError):

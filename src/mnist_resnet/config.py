@@ -1,22 +1,26 @@
 """Frozen configuration dataclasses: the one home of every default and every preset.
 
-The CLI, the docs and the tests read defaults from here; every checkpoint stores the three
-configs as plain dicts so a model can always be rebuilt from its file alone.
+Each field is a `setting` (settings.py) that holds its default, its help, its bounds and its
+choices: the CLI's flags and the configs' checks are made from them, and the docs and the tests
+read defaults from here. Data, model and train make a run, and every checkpoint stores the three
+as plain dicts so a model can always be rebuilt from its file alone; the serve, predict, explain
+and ensemble configs say how those commands run.
 
-Over 500 lines because it is that one home: every setting with its reason, the presets, and
-each config's checks of its values; split, a default would again live apart from its check.
+Over 500 lines because it is that one home: every setting with its help, bounds and reason, and
+the presets; split, a setting's help would again live apart from its default and its bounds.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from mnist_resnet.errors import UserError
+from mnist_resnet.settings import ConfigError as ConfigError
+from mnist_resnet.settings import Settings, setting
 
 DATA_DIR_ENV = "MNIST_RESNET_DATA"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist")
@@ -37,10 +41,6 @@ PREPROCESS_INPUTS = {
 PREPROCESS_MODES = tuple(PREPROCESS_INPUTS)
 # A named dataset's images were made one way; a model trained on it expects pictures made so.
 DATASET_PREPROCESS = {"mnist": "mnist", "fashion-mnist": "fashion", "kmnist": "mnist"}
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value a user chose is invalid; the message says which and why."""
 
 
 def default_data_dir() -> str:
@@ -64,39 +64,88 @@ def dataset_label(dataset: str) -> str:
     return f"{own[0]}-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)}"
 
 
+def dataset_argument(text: str) -> str:
+    """`--dataset`: a dataset name, or `folder:PATH` / `npz:PATH` with PATH made absolute, so
+    that a resume from another folder (or a torchrun rank) reads the same files."""
+    own = own_data(text)
+    if own is None:
+        if text not in DATASET_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose {', '.join(DATASET_NAMES)}, folder:PATH or npz:PATH"
+            )
+        return text
+    if not own[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a path after '{own[0]}:'")
+    return f"{own[0]}:{Path(own[1]).expanduser().absolute()}"
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    dataset: str = "mnist"
-    data_dir: str = field(default_factory=default_data_dir)
+class DataConfig(Settings):
+    dataset: str = setting(
+        "mnist",
+        f"{', '.join(DATASET_NAMES)}, or your own images: folder:PATH (one sub-folder of images "
+        "per class, optional PATH/test/) or npz:PATH (arrays x, y, optional class_names)",
+        metavar="DATASET",
+        parse=dataset_argument,
+    )
+    data_dir: str = setting(
+        help="data root, torchvision layout",
+        factory=default_data_dir,
+        shown=f"${DATA_DIR_ENV} or ./data",
+    )
     # 5,000 held-out training images select the checkpoint; the test set is read once per run.
-    val_size: int = 5000
-    split_seed: int = 0
+    val_size: int = setting(5000, "training images held out for validation", low=0)
+    split_seed: int = setting(0, "seed of the validation split")
+    augment: bool = setting(True, "disable all augmentation", negative="--no-augment")
     # Random translation by up to `max_shift` pixels: digits are not always centred by
     # centre of mass in real use, and it costs nothing on whole batches.
-    augment: bool = True
-    max_shift: int = 2
+    max_shift: int = setting(2, "random translation in pixels for augmentation", low=0, high=8)
     # Random rotation up to +/- `rotate` degrees and zoom by up to +/- `scale` (0 = off). Kept
     # small on purpose: a large rotation turns a 6 into a 9.
-    rotate: float = 0.0
-    scale: float = 0.0
+    rotate: float = setting(
+        0.0, "random rotation up to this many degrees (0: off)", low=0.0, high=30.0
+    )
+    scale: float = setting(
+        0.0, "random zoom by up to this fraction, e.g. 0.1 (0: off)", low=0.0, below=0.5
+    )
     # Mirror half the training images left to right. For clothes, whose mirror image is another
     # garment of the same class; never for digits and letters, whose mirror image is not one.
-    flip: bool = False
+    flip: bool = setting(
+        False, "mirror half the training images left to right: for clothes, never digits"
+    )
     # Cutout: side in pixels of one blanked square per training image (0 = off).
-    erase: int = 0
+    erase: int = setting(
+        0, "Cutout: side of one blanked square per image, pixels (0: off)", low=0, high=28
+    )
     # Elastic distortion (Simard et al. 2003): a random displacement field smoothed by a
     # Gaussian of `elastic_sigma` pixels and scaled by `elastic` pixels (0 = off). It bends
     # strokes the way different hands do, which shifts and rotations cannot.
-    elastic: float = 0.0
-    elastic_sigma: float = 4.0
+    elastic: float = setting(
+        0.0, "elastic distortion strength in pixels, e.g. 34 (0: off)", low=0.0, high=60.0
+    )
+    elastic_sigma: float = setting(
+        4.0, "smoothness of the elastic distortion, pixels", low=1.0, high=10.0
+    )
     # Fraction of the training split to use (1.0 = all); small values make fast tests.
-    subset: float = 1.0
+    subset: float = setting(1.0, "fraction of the training split to use", above=0.0, high=1.0)
     # Own images only (`folder:`/`npz:` datasets). How a picture becomes 28x28 (PREPROCESS_MODES);
     # saved with the model, so predict and serve prepare an image the way training did.
-    preprocess: str = "mnist"
+    preprocess: str = setting(
+        "mnist",
+        "own image files: mnist (crop to the ink, centre it, as predict does for digits), "
+        "fashion (product photos, as Fashion-MNIST was made) or resize (grayscale, whole picture "
+        "to 28x28); predict and serve then do the same. Named datasets need none: predict "
+        "prepares pictures as each was made (fashion for fashion-mnist, else mnist)",
+        choices=PREPROCESS_MODES,
+    )
     # Without a test/ folder (or x_test in the .npz), this fraction of each class is held out
     # as the test split, chosen by `split_seed`: about MNIST's 10,000 of 70,000.
-    test_fraction: float = 0.15
+    test_fraction: float = setting(
+        0.15,
+        "own data without a test set: share of each class held out for testing",
+        above=0.0,
+        below=1.0,
+    )
 
     @property
     def preparation(self) -> str:
@@ -116,31 +165,7 @@ class DataConfig:
             )
         if own is not None and not own[1]:
             raise ConfigError(f"--dataset {self.dataset}: give the path after '{own[0]}:'")
-        if self.preprocess not in PREPROCESS_MODES:
-            raise ConfigError(
-                f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, "
-                f"got {self.preprocess!r}"
-            )
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
-        if self.val_size < 0:
-            raise ConfigError(f"--val-size must be >= 0, got {self.val_size}")
-        if not 0 <= self.max_shift <= 8:
-            raise ConfigError(f"--max-shift must be between 0 and 8 pixels, got {self.max_shift}")
-        if not 0.0 <= self.rotate <= 30.0:
-            raise ConfigError(f"--rotate must be between 0 and 30 degrees, got {self.rotate}")
-        if not 0.0 <= self.scale < 0.5:
-            raise ConfigError(f"--scale must be in [0, 0.5), got {self.scale}")
-        if not 0 <= self.erase <= 28:
-            raise ConfigError(f"--erase must be between 0 and 28 pixels, got {self.erase}")
-        if not 0.0 <= self.elastic <= 60.0:
-            raise ConfigError(f"--elastic must be between 0 and 60 pixels, got {self.elastic}")
-        if not 1.0 <= self.elastic_sigma <= 10.0:
-            raise ConfigError(
-                f"--elastic-sigma must be between 1 and 10 pixels, got {self.elastic_sigma}"
-            )
-        if not 0.0 < self.subset <= 1.0:
-            raise ConfigError(f"--subset must be in (0, 1], got {self.subset}")
+        super().validate()
 
 
 BLOCK_KINDS = ("plain", "bottleneck")
@@ -210,25 +235,44 @@ def stem_from_flags(
     return "conv"
 
 
-LEGACY_STEM_KEYS = ("stem_pool", "pool_before_norm", "stem_stride", "stem_unshuffle")
+# The stem's flags of older versions (and keys of their checkpoints), kept as other spellings of
+# --stem, with the choice each one names.
+LEGACY_STEM_FLAGS = {
+    "stem_stride": "--stem-stride 2 is --stem stride2",
+    "stem_pool": "--stem pool",
+    "pool_before_norm": "with --stem-pool: --stem pool-first",
+    "stem_unshuffle": "--stem unshuffle",
+}
+LEGACY_STEM_KEYS = tuple(LEGACY_STEM_FLAGS)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Settings):
     # "resnet" (He et al. 2015, CIFAR-style) or "baseline" (the pytorch/examples MNIST CNN).
-    arch: str = "resnet"
-    block: str = "plain"
-    depth: int = 20
-    width: float = 1.0
+    arch: str = setting("resnet", choices=("resnet", "baseline"))
+    block: str = setting("plain", "plain or bottleneck", choices=BLOCK_KINDS)
+    depth: int = setting(
+        20, "network depth: 6n+2 (plain blocks) or 9n+2 (bottleneck)", high=MAX_DEPTH
+    )
+    width: float = setting(
+        1.0, "width multiplier of the 16/32/64 channel stages", above=0.0, high=MAX_WIDTH
+    )
     # False gives the paper's "plain net": same layers, no skip connections.
-    shortcut: bool = True
+    shortcut: bool = setting(
+        True, "remove the skip connections (plain net)", negative="--no-shortcut"
+    )
     # Zero-init of each block's last BN gamma makes every block start as identity (Goyal et al.
     # 2017). Off by default: in our short schedules it stalls learning (docs/results.md).
     zero_init_residual: bool = False
-    in_channels: int = 1
-    num_classes: int = 10
+    in_channels: int = setting(1, low=1, high=4)
+    num_classes: int = setting(10, low=2, high=MAX_CLASSES)
     # What happens to the picture before the first stage: one of STEMS.
-    stem: str = "conv"
+    stem: str = setting(
+        "conv",
+        "what the picture goes through before the first stage: "
+        + "; ".join(f"{name}: {text}" for name, text in STEMS.items()),
+        choices=STEMS,
+    )
 
     # The stem's parts, as the network builder reads them.
     @property
@@ -248,136 +292,131 @@ class ModelConfig:
         return self.stem == "unshuffle"
 
     def validate(self) -> None:
-        if self.arch not in ("resnet", "baseline"):
-            raise ConfigError(f"unknown architecture {self.arch!r}; choose resnet or baseline")
+        super().validate()
         if self.arch == "resnet":
             blocks_per_stage(self.depth, self.block)
-        if not 0 < self.width <= MAX_WIDTH:
-            raise ConfigError(f"--width must be in (0, {MAX_WIDTH:g}], got {self.width}")
-        if self.depth > MAX_DEPTH:
-            raise ConfigError(f"--depth must be at most {MAX_DEPTH}, got {self.depth}")
-        if self.stem not in STEMS:
-            raise ConfigError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
-        if not 1 <= self.in_channels <= 4 or not 2 <= self.num_classes <= MAX_CLASSES:
-            raise ConfigError(
-                f"in_channels must be 1-4 and num_classes 2-{MAX_CLASSES}, got "
-                f"{self.in_channels} and {self.num_classes}"
-            )
 
 
 # torch.compile's modes (its own names).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OPTIMIZERS = ("sgd", "adadelta")
+# "step": StepLR, gamma 0.7 each epoch (the pytorch/examples recipe).
+SCHEDULES = ("onecycle", "step")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
+class TrainConfig(Settings):
+    epochs: int = setting(2, "number of epochs to train", low=1)
+    batch_size: int = setting(128, "input batch size for training", low=1)
     # Evaluation batch: on a CPU, larger batches run slower once the activations outgrow the
     # cache (docs/speed.md).
-    test_batch_size: int = 100
+    test_batch_size: int = setting(100, "input batch size for validation and test", low=1)
     # Peak learning rate of the one-cycle schedule (SGD, Nesterov momentum).
-    lr: float = 0.2
-    momentum: float = 0.9
+    lr: float = setting(0.2, "peak learning rate", above=0.0)
+    momentum: float = setting(0.9, "SGD momentum", low=0.0, below=1.0)
     nesterov: bool = True
     # Applied to conv and linear weights only: decaying BN and biases hurts (Goyal et al. 2017).
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
+    weight_decay: float = setting(
+        5e-4, "weight decay on conv/linear weights (not BN, biases)", low=0.0
+    )
+    label_smoothing: float = setting(
+        0.1, "label smoothing of the cross-entropy loss", low=0.0, below=1.0
+    )
     # Linear warmup then cosine decay to zero; warmup keeps the large-batch start stable.
-    warmup_epochs: float = 0.5
-    optimizer: str = "sgd"  # "sgd" or "adadelta" (the pytorch/examples recipe)
-    schedule: str = "onecycle"  # "onecycle" or "step" (StepLR gamma 0.7 each epoch)
-    seed: int = 1
-    log_interval: int = 10
-    save_model: bool = True
-    dry_run: bool = False
-    accel: bool = True
+    warmup_epochs: float = setting(0.5, "linear warmup length of the one-cycle schedule", low=0.0)
+    optimizer: str = setting(
+        "sgd", "sgd (Nesterov) or adadelta (the pytorch/examples recipe)", choices=OPTIMIZERS
+    )
+    schedule: str = setting(
+        "onecycle", "onecycle (warmup + cosine) or step (x0.7 per epoch)", choices=SCHEDULES
+    )
+    seed: int = setting(1, "random seed")
+    log_interval: int = setting(10, "batches between progress-bar updates", low=1)
+    save_model: bool = setting(True, "write checkpoints (best.pt and per-epoch files)")
+    dry_run: bool = setting(False, "quickly check a single pass: one epoch of one batch")
+    accel: bool = setting(True, "use the CPU even when a GPU is available", negative="--no-accel")
     # bf16 autocast: True forces it, False forces fp32, None decides (CUDA with bf16: on; a
     # CPU: on where a cached probe measured it faster, see precision.py; MPS: off). A run saves
     # the decision in its config, so a resumed run keeps the precision it started with.
-    amp: bool | None = None
-    channels_last: bool = True
+    amp: bool | None = setting(
+        None,
+        "force bf16 autocast on (--amp) or off (--no-amp); unset, it is used on CUDA and on "
+        "CPUs where a short cached probe measured it faster than fp32",
+    )
+    channels_last: bool = setting(True, "NHWC memory layout")
     # Keep the whole dataset (uint8) on the training device and cut, augment and step every
     # batch there, reading losses back once per log interval rather than after every step.
     # None decides: yes on a GPU (CUDA, MPS), where each host round trip leaves the device idle;
     # no on a CPU, where there is no round trip to save. A run saves the decision, like `amp`.
-    device_data: bool | None = None
-    compile: bool = False
+    device_data: bool | None = setting(
+        None,
+        "keep the dataset on the training device and augment there, reading losses every "
+        "--log-interval steps; unset, on a GPU yes, on a CPU no",
+    )
+    compile: bool = setting(False, "torch.compile the model (compile time counts)")
     # torch.compile's mode with --compile: "reduce-overhead" also replays the compiled forward
     # and backward as CUDA graphs. Opt-in: not measured yet (docs/speed.md#gpu-path).
-    compile_mode: str = "default"
+    compile_mode: str = setting(
+        "default",
+        "with --compile: default, reduce-overhead (CUDA graphs), max-autotune, "
+        "max-autotune-no-cudagraphs",
+        choices=COMPILE_MODES,
+    )
     # Several processes (torchrun): batch statistics over the global batch instead of each
     # rank's share. PyTorch's SyncBatchNorm runs on GPUs only.
-    sync_bn: bool = False
-    deterministic: bool = False
-    threads: int = 0  # 0 = one per physical core
+    sync_bn: bool = setting(False, "with several processes: BatchNorm over the global batch (CUDA)")
+    deterministic: bool = setting(False, "deterministic algorithms, for bit-exact repeats")
+    threads: int = setting(0, "CPU threads (0: one per available core)", low=0)
     # Stop when validation error has not improved for this many epochs (0 = never).
-    patience: int = 0
-    eval_test_every_epoch: bool = False
-    grad_clip: float = 0.0
+    patience: int = setting(
+        0, "stop after this many epochs without validation gain (0: off)", low=0
+    )
+    eval_test_every_epoch: bool = setting(False, "also report test metrics every epoch")
+    grad_clip: float = setting(0.0, "clip the gradient norm to this value (0: off)", low=0.0)
     # Exponential moving average of the weights (0 = off). When on, the averaged weights are
     # the ones validated, selected and saved to best.pt. The decay ramps up as (1+n)/(10+n)
     # after n steps and only reaches `ema_decay` after about 9 / (1 - ema_decay) steps: 9,000
     # for 0.999, more than the `best` recipe's 6,435 steps, which therefore ends at 0.9986 and
     # gives the same weights with 0.9995.
-    ema_decay: float = 0.0
-    # Skip (instead of stopping at) a step whose loss is NaN or infinite.
-    skip_nonfinite: bool = False
+    ema_decay: float = setting(
+        0.0,
+        "average the weights with this decay, e.g. 0.999, reached after ~9/(1-DECAY) steps "
+        "(0: off)",
+        low=0.0,
+        below=1.0,
+    )
+    skip_nonfinite: bool = setting(False, "skip steps whose loss is NaN/inf instead of stopping")
     # Knowledge distillation (distill.py): checkpoints of the same dataset whose averaged
     # answers at `distill_temperature` the network also learns from, with `distill_weight` of
     # the loss (the rest is the cross-entropy with the labels). 0.9 and 4 are the usual pair
     # for one network learning from stronger ones (Hinton et al. 2015; Tian et al. 2020).
-    teachers: tuple[str, ...] = ()
-    distill_weight: float = 0.9
-    distill_temperature: float = 4.0
-    keep_last: int = 2
-    # Also write a mid-epoch checkpoint every N steps (0: only at epoch ends and on Ctrl-C).
-    checkpoint_steps: int = 0
-    runs_dir: str = "runs"
-    name: str = ""
+    # Paths are made absolute so that a resumed run finds them from any folder.
+    teachers: tuple[str, ...] = setting(
+        (),
+        "a checkpoint to learn from besides the labels; repeat for an ensemble of teachers",
+        flag="--teacher",
+        repeat=True,
+        metavar="CKPT",
+        parse=lambda text: str(Path(text).expanduser().absolute()),
+    )
+    distill_weight: float = setting(
+        0.9, "with --teacher: the teachers' share of the loss", low=0.0, high=1.0
+    )
+    distill_temperature: float = setting(
+        4.0,
+        "with --teacher: the temperature that softens teachers' and student's answers",
+        above=0.0,
+        high=100.0,
+    )
+    keep_last: int = setting(2, "epoch checkpoints to keep besides best.pt", low=1)
+    checkpoint_steps: int = setting(
+        0, "also checkpoint every N steps (0: only at epoch ends and on Ctrl-C)", low=0
+    )
+    runs_dir: str = setting("runs", "folder that holds run directories")
+    name: str = setting("", "run directory name", shown="<preset>-<dataset>-s<seed>-<time>")
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1 or self.test_batch_size < 1:
-            raise ConfigError("--batch-size and --test-batch-size must be >= 1")
-        for flag, value in (
-            ("--lr", self.lr),
-            ("--weight-decay", self.weight_decay),
-            ("--warmup-epochs", self.warmup_epochs),
-            ("--grad-clip", self.grad_clip),
-        ):
-            if not math.isfinite(value):
-                raise ConfigError(f"{flag} must be a finite number, got {value}")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.grad_clip < 0:
-            raise ConfigError("--weight-decay, --warmup-epochs and --grad-clip must be >= 0")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError(
-                f"unknown --compile-mode {self.compile_mode!r}; choose one of "
-                f"{', '.join(COMPILE_MODES)}"
-            )
-        if self.optimizer not in ("sgd", "adadelta"):
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd or adadelta")
-        if self.schedule not in ("onecycle", "step"):
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose onecycle or step")
-        if self.threads < 0 or self.patience < 0 or self.checkpoint_steps < 0:
-            raise ConfigError("--threads, --patience and --checkpoint-steps must be >= 0")
-        if self.log_interval < 1 or self.keep_last < 1:
-            raise ConfigError("--log-interval and --keep-last must be >= 1")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
-        if not 0.0 < self.distill_temperature <= 100.0:
-            raise ConfigError(
-                f"--distill-temperature must be in (0, 100], got {self.distill_temperature}"
-            )
+        super().validate()
         if len(self.teachers) > 16:
             raise ConfigError(f"--teacher given {len(self.teachers)} times; at most 16")
         if self.name and (Path(self.name).name != self.name or self.name in (".", "..")):
@@ -476,66 +515,139 @@ PRESETS: dict[str, Preset] = {
 SERVE_ENGINES = ("auto", "onnx", "torch")
 
 
+def port_number(text: str) -> int:
+    """`--port`: refused as the flag is read, with the usage line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Settings):
     """How `serve` runs: the server process(es), the micro-batcher and the timeouts."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = setting("127.0.0.1", "address to bind")
+    port: int = setting(8000, "port", low=1, high=65535, parse=port_number)
     # Server processes, each with its own copy of the model (a few MB): one per core uses every
     # core for decoding and inference (docs/serving.md).
-    workers: int = 1
+    workers: int = setting(
+        1, "server processes, each with its own model; one per core uses them all", low=1
+    )
     # Intra-op threads of each worker's model calls.
-    threads: int = 1
+    threads: int = setting(1, "inference threads per worker", low=1)
     # Micro-batching: images per model call, and how long the first request of a batch may
     # wait for others (an idle server answers at most this much later).
-    max_batch: int = 64
-    max_delay_ms: float = 2.0
+    max_batch: int = setting(
+        64, "images per model call when requests are batched together", low=1, high=1024
+    )
+    max_delay_ms: float = setting(
+        2.0, "longest wait of a request for others to batch with", low=0.0, high=1000.0
+    )
     # auto: ONNX Runtime when it is installed (faster for small batches), else the folded
     # PyTorch model.
-    engine: str = "auto"
+    engine: str = setting(
+        "auto", "auto: ONNX Runtime when installed, else PyTorch", choices=SERVE_ENGINES
+    )
     # A client must send a request's headers within this time and its body without pausing
     # longer than this, or its connection is closed: idle and slow connections cannot pile up.
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
+    header_timeout_s: float = setting(
+        10.0,
+        "close connections that have not sent a request's headers by then",
+        flag="--header-timeout",
+        metavar="SECONDS",
+        low=0.001,
+        high=60.0,
+    )
+    body_timeout_s: float = setting(
+        10.0,
+        "408 when an upload pauses longer than this",
+        flag="--body-timeout",
+        metavar="SECONDS",
+        above=0.0,
+        high=3600.0,
+    )
     # A body not complete by then gets 408, and a request whose body is in but is not answered
     # by then gets 503, instead of holding its connection.
-    request_timeout_s: float = 30.0
+    request_timeout_s: float = setting(
+        30.0,
+        "408 for an upload not complete by then, 503 for a request not answered by then once "
+        "its upload is in",
+        flag="--request-timeout",
+        metavar="SECONDS",
+        above=0.0,
+        high=3600.0,
+    )
     # Requests preparing their images at once per worker; more wait with their bodies read.
     # Bodies are read first, outside this limit (a slow upload holds no place), within a byte
     # budget of this many 5 MB bodies per worker (503 beyond it). Prepared images then wait
     # for the batcher without this limit.
-    max_concurrency: int = 32
+    max_concurrency: int = setting(
+        32,
+        "requests preparing their images at once per worker; more wait with their uploads "
+        "read, which hold at most this many 5 MB bodies",
+        low=1,
+    )
     # Connections served at once per worker, idle ones included (Granian's backpressure): far
     # above what clients need, since the header timeout frees the slots of silent ones.
-    max_connections: int = 1024
+    max_connections: int = setting(
+        1024, "connections served at once per worker, idle ones included", low=1
+    )
     # Host names answered besides the localhost names (DNS-rebinding protection).
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = setting(
+        (),
+        "also answer requests for this Host name (repeatable; localhost names always); "
+        "needed when the server is reached by a name or address other than localhost",
+        flag="--allowed-host",
+        metavar="NAME",
+        repeat=True,
+    )
 
-    def validate(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise ConfigError(f"--port must be in 1..65535, got {self.port}")
-        counts = (self.workers, self.threads, self.max_concurrency, self.max_connections)
-        if min(counts) < 1:
-            raise ConfigError(
-                "--workers, --threads, --max-concurrency and --max-connections must be >= 1"
-            )
-        if not 1 <= self.max_batch <= 1024:
-            raise ConfigError(f"--max-batch must be in 1..1024, got {self.max_batch}")
-        for flag, value, top in (
-            ("--max-delay-ms", self.max_delay_ms, 1000.0),
-            ("--header-timeout", self.header_timeout_s, 60.0),
-            ("--body-timeout", self.body_timeout_s, 3600.0),
-            ("--request-timeout", self.request_timeout_s, 3600.0),
-        ):
-            if not math.isfinite(value) or not 0.0 <= value <= top:
-                raise ConfigError(f"{flag} must be a number in [0, {top:g}], got {value}")
-        if self.header_timeout_s < 0.001 or self.body_timeout_s <= 0 or self.request_timeout_s <= 0:
-            raise ConfigError("--header-timeout, --body-timeout and --request-timeout must be > 0")
-        if self.engine not in SERVE_ENGINES:
-            raise ConfigError(
-                f"unknown engine {self.engine!r}; choose one of {', '.join(SERVE_ENGINES)}"
-            )
+
+@dataclass(frozen=True)
+class PredictConfig(Settings):
+    """How `predict` answers: classes shown, the format, the prepared images kept."""
+
+    top_k: int = setting(3, "classes to show", low=1)
+    json: bool = setting(False, "print JSON instead of text")
+    save_preprocessed: Path | None = setting(
+        None, "write the 28x28 images the model saw to DIR", metavar="DIR"
+    )
+
+
+@dataclass(frozen=True)
+class ExplainConfig(Settings):
+    """Where `explain` draws its figures, and how finely it integrates."""
+
+    out: Path = setting(Path("explained"), "folder for the figures", metavar="DIR")
+    # Integration steps (Gauss-Legendre quadrature, Captum's default). A ReLU network's path
+    # integral converges slowly: the gap between the attributions' sum and the logit's change
+    # shrinks about 2x per doubling of the steps (docs/degradation.md#what-the-network-looks-at).
+    steps: int = setting(64, "integration steps of the integrated gradients", low=2, high=1024)
+    json: bool = setting(False, "print the numbers as JSON")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig(Settings):
+    """Which split `ensemble` reports on, with which views and members."""
+
+    split: str = setting(
+        "test",
+        "test, or the validation images the checkpoints held out",
+        choices=("test", "validation"),
+    )
+    tta: bool = setting(False, "also average over one-pixel shifts of each image")
+    select: int = setting(
+        0,
+        "first choose up to N of the checkpoints on the validation split (greedy forward "
+        "selection by validation errors), then report the chosen ensemble (0: use all)",
+        metavar="N",
+        low=0,
+    )
+    json: Path | None = setting(None, "also write results here", metavar="FILE")
 
 
 def preset(name: str) -> Preset:
@@ -551,7 +663,8 @@ T = TypeVar("T")
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as JSON would give it back (tuples as lists), so a checkpoint's copy and its
     config.json compare equal."""
-    return _json_shaped(dataclasses.asdict(cfg))
+    shaped: dict[str, Any] = _json_shaped(dataclasses.asdict(cfg))
+    return shaped
 
 
 def _json_shaped(value: Any) -> Any:

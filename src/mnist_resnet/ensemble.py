@@ -13,13 +13,15 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mnist_resnet import data
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
-from mnist_resnet.config import ConfigError, TrainConfig
+from mnist_resnet.config import ConfigError, EnsembleConfig, TrainConfig
+from mnist_resnet.files import writable_file
 from mnist_resnet.inference import predict_logits
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runtime import Runtime
@@ -259,3 +261,42 @@ def select_members(
 def write_json(result: EnsembleResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+
+
+def report(
+    checkpoints: Sequence[Path],
+    cfg: EnsembleConfig,
+    *,
+    data_dir: Path,
+    batch_size: int = TrainConfig.test_batch_size,
+    accel: bool = True,
+    log: Log = print,
+) -> EnsembleResult:
+    """`mnist-resnet ensemble`: first choose up to `cfg.select` of the checkpoints on the
+    validation split (0: take all), then report their ensemble on `cfg.split`."""
+    cfg.validate()
+    if cfg.json is not None:
+        writable_file(cfg.json, "--json")
+    # The same data, views and batching for choosing the members and for reporting them.
+    options: dict[str, Any] = {
+        "data_dir": data_dir,
+        "tta": cfg.tta,
+        "batch_size": batch_size,
+        "accel": accel,
+        "log": log,
+    }
+    views = " with test-time shifts" if cfg.tta else ""
+    if cfg.select:
+        log(f"choosing up to {cfg.select} of {len(checkpoints)} models on the validation split:")
+        checkpoints = select_members(checkpoints, max_members=cfg.select, **options)
+    log(f"{cfg.split} accuracy of each model{views}:")
+    result = ensemble(checkpoints, split=cfg.split, **options)
+    if cfg.json is not None:
+        write_json(result, cfg.json)
+    n = len(result.members)
+    log(
+        f"ensemble of {n} model{'s' if n > 1 else ''}{views} on {result.dataset} "
+        f"{result.split} ({result.count} images): loss {result.loss:.4f}"
+    )
+    log(f"{result.split} accuracy: {result.accuracy:.2%}")
+    return result

@@ -13,7 +13,9 @@ from torch import nn
 
 from mnist_resnet.config import TrainConfig
 from mnist_resnet.errors import printable
+from mnist_resnet.files import writable_folder
 from mnist_resnet.inference import predict_logits
+from mnist_resnet.pretrained import ModelFile
 from mnist_resnet.runtime import Runtime
 
 
@@ -215,3 +217,24 @@ def evaluate_checkpoint(
             f"test accuracy: {result.accuracy:.2%}",
         ]
     )
+
+
+def main(
+    model: ModelFile,
+    *,
+    data_dir: Path,
+    out: Path | None = None,
+    batch_size: int = TrainConfig.test_batch_size,
+    accel: bool = True,
+) -> int:
+    """`mnist-resnet evaluate`: the report of `evaluate_checkpoint`, printed; its figures in
+    `out` (default: beside the checkpoint, or pretrained-NAME/ here for a shipped model)."""
+    # A shipped model's folder is the installed package: its figures go to the current folder.
+    out = out or (Path(f"pretrained-{model.pretrained}") if model.pretrained else None)
+    # The figures are written after the whole evaluation: check their folder first.
+    writable_folder(out or model.path.parent, "--out")
+    report = evaluate_checkpoint(
+        model.path, data_dir=data_dir, out_dir=out, batch_size=batch_size, accel=accel
+    )
+    print(report)
+    return 0

@@ -27,17 +27,17 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from mnist_resnet import ood
-from mnist_resnet.checkpoint import LoadedModel
+from mnist_resnet.checkpoint import LoadedModel, load_model
+from mnist_resnet.config import ExplainConfig
 from mnist_resnet.errors import printable
+from mnist_resnet.files import writable_folder
 from mnist_resnet.images import ImageError, load_image, prepare_image, to_float
-from mnist_resnet.predict import expand_inputs
+from mnist_resnet.predict import checkpoint_and_images, expand_inputs
+from mnist_resnet.pretrained import choose
 
-# Integration steps (Gauss-Legendre quadrature, Captum's default). A ReLU network's path
-# integral converges slowly: the gap between the attributions' sum and the logit's change
-# shrinks about 2x per doubling of the steps (docs/degradation.md#what-the-network-looks-at).
-# 64 for files and --json; the draw page redraws as the user draws, where 32 keep an update
-# of the shipped model inside its time budget on one core.
-STEPS = 64
+# Integration steps: `explain`'s (config.py says why 64); the draw page redraws as the user
+# draws, where 32 keep an update of the shipped model inside its time budget on one core.
+STEPS = ExplainConfig.steps
 LIVE_STEPS = 32
 # Feature maps shown per stage: the channels with the largest mean activation.
 MAPS_PER_STAGE = 4
@@ -376,3 +376,15 @@ def format_files(
     ok = sum(r.explanation is not None for r in results)
     lines.append(f"explained {ok} of {len(results)} inputs")
     return "\n".join(lines)
+
+
+def main(inputs: Sequence[str], cfg: ExplainConfig, *, pretrained: str | None = None) -> int:
+    """`mnist-resnet explain`: an optional checkpoint (else a shipped model), then pictures →
+    one figure each in `cfg.out` and their numbers, printed. 1 when an input could not be read."""
+    cfg.validate()
+    checkpoint, images = checkpoint_and_images(inputs, "explain")
+    writable_folder(cfg.out, "--out")
+    loaded = load_model(choose(checkpoint, pretrained).path)
+    results = explain_files(loaded, images, cfg.out, steps=cfg.steps)
+    print(format_files(results, loaded.class_names, as_json=cfg.json))
+    return 1 if any(r.explanation is None for r in results) else 0

@@ -1,4 +1,5 @@
-"""File helpers shared by every module that writes or checks files: atomic replacement and hashing.
+"""File helpers shared by every module that writes or checks files: atomic replacement, hashing,
+and the proof that an output folder a flag names can be written, before the long part.
 
 A result file is written to a temp file beside it and renamed into place, so a reader (or a run
 killed mid-write) sees the old file or the whole new one, never a torn one.
@@ -6,6 +7,7 @@ killed mid-write) sees the old file or the whole new one, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -14,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from mnist_resnet.settings import ConfigError
 
 CHUNK = 1 << 20
 # Temp files end in this suffix: a resumed run sweeps the ones a kill left behind.
@@ -77,6 +81,30 @@ def prove_writable(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
         pass
+
+
+def writable_folder(folder: Path, flag: str) -> Path:
+    """Prove a file can be written in `folder`, before the long part. Folders made for the
+    proof are removed again: a command that then fails leaves nothing behind (the command
+    makes them when it writes there)."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        prove_writable(folder)
+    except OSError as e:
+        raise ConfigError(f"{flag} {folder}: cannot write there ({e.strerror or e})") from None
+    finally:
+        for path in made:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return folder
+
+
+def writable_file(path: Path, flag: str) -> Path:
+    """`writable_folder` for a file's folder, after checking `path` is not a folder."""
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    writable_folder(path.parent, flag)
+    return path
 
 
 def hash_file(path: Path, algo: str = "sha256") -> str:

@@ -39,6 +39,18 @@ class Packaged:
     size: int
     meta: dict[str, Any]
 
+    def lines(self) -> list[str]:
+        """What `pretrained package` reports: the files, their accuracy, the pin to write."""
+        measured = (
+            f"test accuracy {self.meta['test_accuracy']:.2%} as trained, "
+            f"{self.meta['fp32_cpu_test_accuracy']:.2%} in fp32 on the CPU"
+        )
+        json_name = self.path.with_suffix(".json").name
+        return [
+            f"wrote {self.path} ({self.size:,} bytes) and {json_name}: {measured}",
+            pretrained.pin_line(self.path.stem, self.sha256),
+        ]
+
 
 def recipe_differences(config: object, recipe: pretrained.Recipe) -> list[str]:
     """Settings of a run's saved config that differ from its recipe (machine settings aside)."""

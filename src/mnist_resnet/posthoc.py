@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from mnist_resnet import calibration, data, ood
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_checkpoint, save_checkpoint
-from mnist_resnet.files import atomic_write_text, hash_file
+from mnist_resnet.files import atomic_write_text, hash_file, writable_file
 from mnist_resnet.images import to_float
+from mnist_resnet.pretrained import ModelFile, pin_line
 
 Log = Callable[[str], None]
 # Training images the class Gaussians and the head are fitted on: 10,000 estimate a 64x64
@@ -143,3 +144,18 @@ def calibrate_shipped(weights: Path, *, data_dir: Path, log: Log = print) -> ood
         meta["card"]["calibration"] = dict(meta["calibration"])
     atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
     return fitted
+
+
+def main(model: ModelFile, *, data_dir: Path, out: Path | None = None) -> int:
+    """`mnist-resnet calibrate`: fit `model` and store the fit in its file (or in `out`); a
+    shipped model's also in its JSON, with the line that pins its new hash."""
+    if model.pretrained is not None and out is None:
+        calibrate_shipped(model.path, data_dir=data_dir)
+        print(f"wrote the calibration into {model.path} and {model.path.with_suffix('.json').name}")
+        print(pin_line(model.pretrained, hash_file(model.path)))
+        return 0
+    if out is not None:
+        writable_file(out, "--out")
+    calibrate_checkpoint(model.path, data_dir=data_dir, out=out)
+    print(f"wrote {out or model.path}")
+    return 0

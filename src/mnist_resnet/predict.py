@@ -22,8 +22,10 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
+from mnist_resnet.checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, LoadedModel, load_model
+from mnist_resnet.config import ConfigError, PredictConfig
 from mnist_resnet.errors import printable
+from mnist_resnet.files import writable_folder
 from mnist_resnet.images import (
     IMAGE_SIZE,
     IMAGE_SUFFIXES,
@@ -279,6 +281,17 @@ class FileResult:
         return out
 
 
+def checkpoint_and_images(given: Sequence[str], verb: str) -> tuple[Path | None, list[str]]:
+    """An optional checkpoint file first, then the images: (checkpoint or None, images)."""
+    inputs = list(given)
+    if Path(inputs[0]).suffix.lower() not in CHECKPOINT_SUFFIXES:
+        return None, inputs
+    checkpoint = Path(inputs.pop(0))
+    if not inputs:
+        raise ConfigError(f"give the image files to {verb} after {checkpoint}")
+    return checkpoint, inputs
+
+
 def expand_inputs(inputs: Iterable[str]) -> list[tuple[str, Path | None]]:
     """Files, folders (their image files, sorted) and globs → (shown name, path or None)."""
     found: list[tuple[str, Path | None]] = []
@@ -367,6 +380,22 @@ def ascii_digit(pixels: NDArray[np.uint8]) -> str:
     return "\n".join(
         "".join(ramp[min(len(ramp) - 1, int(v) * len(ramp) // 256)] for v in row) for row in pixels
     )
+
+
+def main(inputs: Sequence[str], cfg: PredictConfig, *, pretrained: str | None = None) -> int:
+    """`mnist-resnet predict`: an optional checkpoint (else a shipped model), then pictures →
+    their classes, printed. 1 when an input could not be read; a blank image is reported."""
+    from mnist_resnet.pretrained import choose
+
+    cfg.validate()
+    checkpoint, images = checkpoint_and_images(inputs, "classify")
+    if cfg.save_preprocessed is not None:
+        writable_folder(cfg.save_preprocessed, "--save-preprocessed")
+    classifier = Classifier.from_checkpoint(choose(checkpoint, pretrained).path)
+    saved = cfg.save_preprocessed
+    results = predict_files(classifier, images, k=cfg.top_k, save_preprocessed=saved)
+    print(format_results(results, as_json=cfg.json))
+    return 1 if any(r.unreadable for r in results) else 0
 
 
 # The name before the Python API, still used by tests and benchmarks.

@@ -1,5 +1,5 @@
-"""Run directories: their names, the checkpoint a resume starts from, the configs a run saved,
-and the check that a run directory can hold the run before training starts."""
+"""Run directories: their names, the run and checkpoint a resume starts from, the configs a run
+saved, and the check that a run directory can hold the run before training starts."""
 
 from __future__ import annotations
 
@@ -114,3 +114,14 @@ def new_run_dir(preset: str, train_cfg: TrainConfig, data_cfg: DataConfig) -> Pa
             "continue it or choose another --name"
         )
     return run_dir
+
+
+def resume_target(value: str, runs_dir: str) -> Path:
+    """What `--resume` names: its PATH, or without one ("latest") the run under `runs_dir` that
+    checkpointed last."""
+    if value != "latest":
+        return Path(value)
+    runs = sorted(Path(runs_dir).glob("*/checkpoints"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"--resume: no run with checkpoints under {runs_dir}/")
+    return runs[-1].parent

@@ -75,6 +75,15 @@ class TrainResult:
     # The plain module (never a DDP or compiled wrapper) holding the selected weights.
     model: nn.Module | None = None
 
+    def lines(self) -> list[str]:
+        """What `mnist-resnet train` says last: the epoch it kept, the time, the test result."""
+        return [
+            f"selected epoch {self.best_epoch} of {self.epochs_run}; run directory {self.run_dir}",
+            f"training time: {self.seconds:.1f} s",
+            f"test loss: {self.test.loss:.4f}",
+            f"test accuracy: {self.test.accuracy:.2%}",
+        ]
+
 
 class _StopRequests:
     """First SIGINT/SIGTERM asks the loop to stop after the current step; a second one aborts."""

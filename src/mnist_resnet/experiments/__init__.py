@@ -1,78 +1,64 @@
 """Experiments that reproduce figures of the ResNet paper (He et al. 2015).
 
-The configs live here, apart from the torch code in the submodules, so the command line can read
-their defaults without importing torch.
+The configs live here, apart from the torch code in the submodules, so the command line can make
+their flags (settings.py) without importing torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from mnist_resnet.config import DATASET_NAMES, ConfigError, TrainConfig, blocks_per_stage
+from mnist_resnet.settings import Settings, setting
 
 KINDS = ("plain", "residual")
 
 
 @dataclass(frozen=True)
-class DegradationConfig:
+class DegradationConfig(Settings):
     """Everything that defines the experiment's numbers; stored in `experiment.json`."""
 
-    dataset: str = "fashion-mnist"
-    depths: tuple[int, ...] = (8, 20, 56)
-    epochs: int = 3
+    dataset: str = setting("fashion-mnist", "dataset", choices=DATASET_NAMES)
+    depths: tuple[int, ...] = setting((8, 20, 56), "depths 6n+2 to compare", metavar="DEPTH")
+    epochs: int = setting(3, "epochs per net", low=1)
     # Three seeds by default: the figure's bands and the table's ± say how much of a gap is
     # the seed's (docs/degradation.md; the default scale runs in under 30 minutes on 2 cores).
-    seeds: int = 3
+    seeds: int = setting(3, "seeds 1..K per net", low=1)
     # The first N images of the training split (after the 5,000-image validation hold-out).
-    train_images: int = 10_000
+    train_images: int = setting(10_000, "training images used")
     # The first N images of the validation split, evaluated `val_points` times per epoch.
-    val_images: int = 2_000
-    val_points: int = 4
+    val_images: int = setting(2_000, "validation images", low=1)
+    val_points: int = setting(4, low=1)
     # "Final train error": the first N training images in eval mode, no augmentation.
-    train_eval_images: int = 5_000
+    train_eval_images: int = setting(5_000, low=1)
     # The first N test images (0: all of them); fewer only to keep tests fast.
-    test_images: int = 0
+    test_images: int = setting(0, "test images, 0 for all", low=0)
     # One recipe for every kind and depth: SGD + Nesterov, warmup then cosine (the project's
     # one-cycle schedule), no augmentation and no label smoothing, so training error measures
     # optimisation alone, as in the paper.
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
+    batch_size: int = setting(128, "batch size", low=1)
+    lr: float = setting(0.1, "peak learning rate, the same for every net", above=0.0)
+    momentum: float = setting(0.9, low=0.0, below=1.0)
+    weight_decay: float = setting(1e-4, low=0.0)
+    warmup_epochs: float = setting(0.5, low=0.0)
     # Per-stage gradient norms are read every `grad_every` iterations (cheap hooks).
-    grad_every: int = 5
+    grad_every: int = setting(5, low=1)
 
     def validate(self) -> None:
-        if self.dataset not in DATASET_NAMES:
-            raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASET_NAMES)}"
-            )
+        super().validate()
         if not self.depths:
             raise ConfigError("--depths needs at least one depth")
         for depth in self.depths:
             blocks_per_stage(depth, "plain")
         if len(set(self.depths)) != len(self.depths):
             raise ConfigError(f"--depths repeats a depth: {list(self.depths)}")
-        if self.epochs < 1 or self.seeds < 1:
-            raise ConfigError("--epochs and --seeds must be >= 1")
-        if self.train_images < self.batch_size or self.batch_size < 1:
+        if self.train_images < self.batch_size:
             raise ConfigError(
                 f"--train-images ({self.train_images}) must be at least one batch "
                 f"(--batch-size {self.batch_size})"
             )
-        if self.val_images < 1 or self.val_points < 1 or self.train_eval_images < 1:
-            raise ConfigError("--val-images, val_points and train_eval_images must be >= 1")
-        if self.test_images < 0:
-            raise ConfigError(f"--test-images must be >= 0 (0: all), got {self.test_images}")
-        if not 0 < self.lr < math.inf or self.grad_every < 1:
-            raise ConfigError(f"--lr must be positive and finite (got {self.lr}), grad_every >= 1")
-        finite = (self.momentum, self.weight_decay, self.warmup_epochs)
-        if not all(math.isfinite(v) and v >= 0 for v in finite) or self.momentum >= 1:
-            raise ConfigError("momentum must be in [0, 1), weight decay and warmup finite and >= 0")
 
     def train_config(self, seed: int) -> TrainConfig:
         return TrainConfig(

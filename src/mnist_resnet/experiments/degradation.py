@@ -74,6 +74,19 @@ class ExperimentResult:
     reused: list[str]
     seconds: float
 
+    def lines(self) -> list[str]:
+        """What `mnist-resnet experiment degradation` reports: the files, the work, the answer."""
+        deepest = max(r["depth"] for r in self.rows)
+        error = {r["kind"]: r["train_error"]["mean"] for r in self.rows if r["depth"] == deepest}
+        work = f"{len(self.trained)} runs trained, {len(self.reused)} reused"
+        return [
+            f"table: {self.exp_dir / 'degradation.md'}",
+            f"figures: {self.exp_dir / 'degradation.png'}, {self.exp_dir / 'grad-norms.png'}",
+            f"{work}, {self.seconds:.0f} s in all",
+            f"residual-{deepest} train error: {error['residual']:.2%}, "
+            f"plain-{deepest} train error: {error['plain']:.2%}",
+        ]
+
 
 # ----------------------------------------------------------------------------- small helpers
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from mnist_resnet.config import (
+    ConfigError,
     DataConfig,
     preset,
 )
@@ -234,4 +236,51 @@ def describe(name: str, folder: Path | None = None) -> str:
     return f"the pretrained {name} model ({printable(meta.get('recipe', 'shipped'))}{measured})"
 
 
-# ----------------------------------------------------------------------------- packaging
+def catalogue() -> list[str]:
+    """`mnist-resnet pretrained list`: what each shipped model is and how it was made."""
+    lines = []
+    for name in NAMES:
+        meta, shipped = metadata(name), name in SHA256
+        lines.append(f"{name}: {describe(name) if shipped else 'not shipped in this build'}")
+        if shipped and meta:
+            inputs = f"({meta.get('preprocess')} preparation): {meta.get('inputs')}"
+            made = f"{meta.get('trained')} by: {meta.get('command')}"
+            lines += [
+                f"  classes: {printable(', '.join(meta.get('classes', [])))}",
+                f"  inputs {printable(inputs)}",
+                f"  trained {printable(made)} (make pretrained)",
+                f"  {meta.get('bytes', 0):,} bytes, sha256 {SHA256[name]}",
+            ]
+    return lines
+
+
+def pin_line(name: str, sha256: str) -> str:
+    """What to do after a shipped file changed: the line that pins its new hash here."""
+    return f"pin it in src/mnist_resnet/pretrained/__init__.py, in SHA256: {name!r}: {sha256!r}"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The model a command runs: a checkpoint file, or a shipped model's."""
+
+    path: Path
+    pretrained: str | None  # the shipped model's name, or None for a checkpoint
+
+    @property
+    def shown(self) -> str:
+        return f"the pretrained {self.pretrained} model" if self.pretrained else str(self.path)
+
+
+def choose(checkpoint: Path | None, name: str | None, *, must_exist: bool = False) -> ModelFile:
+    """The checkpoint given, or the shipped model `name` (without either the MNIST one, said
+    in one line on stderr). `must_exist` checks the checkpoint is there."""
+    if checkpoint is not None and name is not None:
+        raise ConfigError(f"give a checkpoint ({checkpoint}) or --pretrained {name}, not both")
+    if checkpoint is not None:
+        if must_exist and not checkpoint.is_file():
+            raise ConfigError(f"checkpoint not found: {checkpoint}")
+        return ModelFile(checkpoint, None)
+    path = weights_path(name or DEFAULT)
+    hint = "" if name else " (give a checkpoint, or --pretrained fashion-mnist, to change)"
+    print(f"using {describe(name or DEFAULT)}{hint}", file=sys.stderr)
+    return ModelFile(path, name or DEFAULT)

@@ -24,7 +24,13 @@ from mnist_resnet.serve.middleware import (
     BodySizeLimit,
 )
 from mnist_resnet.serve.parsing import MAX_BATCH, MAX_EXPLAIN, MAX_UPLOAD_PIXELS, TOP_K
-from mnist_resnet.serve.process import METRICS_PREFIX, SETTINGS_ENV, app_from_environment, serve
+from mnist_resnet.serve.process import (
+    METRICS_PREFIX,
+    SETTINGS_ENV,
+    app_from_environment,
+    serve,
+    start,
+)
 from mnist_resnet.serve.service import Explainer, image_threads, make_scorer
 
 __all__ = [
@@ -48,4 +54,5 @@ __all__ = [
     "image_threads",
     "make_scorer",
     "serve",
+    "start",
 ]

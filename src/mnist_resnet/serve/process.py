@@ -5,12 +5,14 @@ metrics folder, and the workers' tie to their supervisor.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +22,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from mnist_resnet.config import ServeConfig, from_dict, to_dict
+from mnist_resnet.checkpoint import load_model
+from mnist_resnet.config import ConfigError, ServeConfig, from_dict, to_dict
+from mnist_resnet.errors import printable
 from mnist_resnet.runtime import return_freed_memory
 from mnist_resnet.serve.app import create_app
 from mnist_resnet.serve.metrics import MULTIPROC_ENV
@@ -100,6 +104,26 @@ def _metrics_folder(parent: Path | None = None) -> str:
         except OSError:  # another user's process, or gone meanwhile
             pass
     return tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def start(checkpoint: Path, config: ServeConfig, *, shown: str) -> None:
+    """`mnist-resnet serve`: the model file and the address checked here, once, in one line
+    each (the workers load the model again, and a bad file there would only be a dead worker),
+    then `serve`. `shown` names the model in the line that says where it is served."""
+    load_model(checkpoint)
+    try:  # a port in use (or a host not on this machine) is one line, not the server's exit
+        socket.create_server((config.host, config.port)).close()
+    except OSError as e:
+        where = f"{config.host}:{config.port}"
+        raise ConfigError(f"cannot listen on {where}: {e.strerror or e}") from None
+    if config.host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::"):
+        # The address it was told to bind is a name clients will use.
+        hosts = (*config.allowed_hosts, config.host)
+        config = dataclasses.replace(config, allowed_hosts=hosts)
+    workers = f"{config.workers} worker{'s' if config.workers > 1 else ''}"
+    address = f"http://{config.host}:{config.port}/"
+    print(f"serving {printable(shown)} on {address} ({workers}; Ctrl-C stops)")
+    serve(checkpoint, config)
 
 
 def serve(checkpoint: Path, config: ServeConfig) -> None:
