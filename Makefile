@@ -49,15 +49,16 @@ accuracy: $(VENV)/.installed
 	$(BIN)/python benchmarks/accuracy.py $(ARGS)
 
 # The models shipped in the package (src/mnist_resnet/pretrained/): each recipe of
-# mnist_resnet.pretrained.RECIPES trained anew (about 15 + 10 minutes on 2 cores, data through
-# the usual chain or DATA_DIR), then packaged and measured. Pin the printed SHA-256s in
+# mnist_resnet.pretrained.RECIPES trained anew (its teachers first, where it has any; data
+# through the usual chain or DATA_DIR), then packaged and measured. A finished run of the same
+# recipe in PRETRAINED_RUNS is kept and a killed one resumed, so an interrupted `make pretrained`
+# continues where it stopped; delete the folder to start over. Pin the printed SHA-256s in
 # src/mnist_resnet/pretrained/__init__.py: the tests fail until file, pin and metadata agree.
 PRETRAINED_RUNS ?= runs/pretrained
 DATA_DIR ?=
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 pretrained: $(VENV)/.installed
-	rm -rf $(PRETRAINED_RUNS)/mnist $(PRETRAINED_RUNS)/fashion-mnist
-	$(BIN)/mnist-resnet train --preset best --dataset mnist --seed 1 $(DATA_FLAG) --runs-dir $(PRETRAINED_RUNS) --name mnist
-	$(BIN)/mnist-resnet train --preset best --dataset fashion-mnist --seed 1 --epochs 8 $(DATA_FLAG) --runs-dir $(PRETRAINED_RUNS) --name fashion-mnist
+	$(BIN)/mnist-resnet pretrained train mnist $(DATA_FLAG) --runs-dir $(PRETRAINED_RUNS)
+	$(BIN)/mnist-resnet pretrained train fashion-mnist $(DATA_FLAG) --runs-dir $(PRETRAINED_RUNS)
 	$(BIN)/mnist-resnet pretrained package $(PRETRAINED_RUNS)/mnist --name mnist $(DATA_FLAG) --out src/mnist_resnet/pretrained
 	$(BIN)/mnist-resnet pretrained package $(PRETRAINED_RUNS)/fashion-mnist --name fashion-mnist $(DATA_FLAG) --out src/mnist_resnet/pretrained

@@ -348,3 +348,26 @@ def test_a_recipe_with_teachers_trains_them_first_and_keeps_finished_runs(
     monkeypatch.setitem(pretrained.RECIPES, "shapes", base)
     with pytest.raises(pretrained.PretrainedError, match="another recipe"):
         packaging.train_recipe("shapes", tmp_path, log=lines.append)
+
+
+def test_pretrained_train_command_trains_the_named_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make pretrained` runs `mnist-resnet pretrained train NAME`: it hands the name, folders
+    and threads to packaging.train_recipe (tested above) and says where the run is."""
+    calls: list[tuple[object, ...]] = []
+
+    def fake_train_recipe(name: str, runs_dir: Path, *, data_dir: Path, threads: int) -> Path:
+        calls.append((name, runs_dir, data_dir, threads))
+        return runs_dir / name
+
+    monkeypatch.setattr(packaging, "train_recipe", fake_train_recipe)
+    argv = ["pretrained", "train", "mnist", "--runs-dir", str(tmp_path / "r"), "--threads", "1"]
+    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
+    assert calls == [("mnist", tmp_path / "r", tmp_path / "d", 1)]
+    assert capsys.readouterr().out.strip() == f"run directory: {tmp_path / 'r' / 'mnist'}"
+    with pytest.raises(SystemExit):
+        main(["pretrained", "train", "no-such-model"])
+    make = (REPO / "Makefile").read_text(encoding="utf-8")
+    for name in pretrained.NAMES:
+        assert f"mnist-resnet pretrained train {name} " in make

@@ -35,6 +35,7 @@ from mnist_resnet.errors import Interrupted, UserError, printable
 from mnist_resnet.experiments import DegradationConfig
 from mnist_resnet.pretrained import DEFAULT as PRETRAINED_DEFAULT
 from mnist_resnet.pretrained import NAMES as PRETRAINED_NAMES
+from mnist_resnet.pretrained import RUNS as PRETRAINED_RUNS
 from mnist_resnet.pretrained import choose
 from mnist_resnet.settings import add_flags, from_args, given
 
@@ -151,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for NAME.safetensors and NAME.json (default: the installed package's)",
     )
     add_flags(pk, DataConfig, ["data_dir"])
+    tr = actions.add_parser(
+        "train",
+        help="train a model's recipe (its teachers first), keeping finished runs and resuming "
+        "killed ones",
+    )
+    tr.add_argument("name", choices=PRETRAINED_NAMES, metavar="NAME", help="which model")
+    add_flags(tr, DataConfig, ["data_dir"])
+    add_flags(tr, TrainConfig, ["threads"])
+    tr.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=Path(PRETRAINED_RUNS),
+        help=f"folder for the recipe's run folders (default: {PRETRAINED_RUNS})",
+    )
 
     xp = sub.add_parser("experiment", help="reproduce a figure of the ResNet paper")
     xp.add_argument(
@@ -363,6 +378,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_pretrained(args: argparse.Namespace) -> int:
     from mnist_resnet import packaging, pretrained
 
+    if args.action == "train":
+        run_dir = packaging.train_recipe(
+            args.name, args.runs_dir, data_dir=_data_dir(args), threads=_train_flags(args).threads
+        )
+        print(f"run directory: {run_dir}")
+        return 0
     if args.action != "package":
         print("\n".join(pretrained.catalogue()))
         return 0
