@@ -46,11 +46,13 @@ def test_flags_override_preset_and_defaults_come_from_config() -> None:
 @pytest.mark.parametrize(
     ("argv", "stem"),
     [
-        (["--preset", "fast"], "pool"),
+        (["--preset", "fast"], "pool-first"),
+        (["--preset", "fast", "--no-pool-before-norm"], "pool"),
+        (["--preset", "fast-gpu"], "pool"),
         (["--stem", "unshuffle"], "unshuffle"),
         # The four flags of earlier versions, on top of the preset's stem.
         (["--stem-pool", "--pool-before-norm"], "pool-first"),
-        (["--preset", "fast", "--pool-before-norm"], "pool-first"),
+        (["--preset", "fast-gpu", "--pool-before-norm"], "pool-first"),
         (["--preset", "fast", "--no-stem-pool", "--stem-stride", "2"], "stride2"),
         (["--preset", "fast", "--no-stem-pool", "--stem-unshuffle"], "unshuffle"),
     ],

@@ -231,6 +231,9 @@ def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, D
     }
     if old_stem:
         flags = {k: getattr(model_cfg, k) for k in LEGACY_STEM_FLAGS} | old_stem
+        if not flags["stem_pool"] and "pool_before_norm" not in old_stem:
+            # --no-stem-pool on a pool-first preset: the pool's placement goes with the pool.
+            flags["pool_before_norm"] = False
         model_cfg = dataclasses.replace(model_cfg, stem=stem_from_flags(**flags))
     # Absolute, as for own data: a resume from another folder reads the files the run used.
     data_dir = str(_data_dir(args).expanduser().absolute())
