@@ -125,12 +125,24 @@ def test_killed_run_resumes_to_identical_metrics(mnist_root: Path, tmp_path: Pat
     with pytest.raises(_Killed):
         train(*_small_run(mnist_root, tmp_path, name="cut"), log=die_at_epoch_two)
     assert not (tmp_path / "cut" / "checkpoints" / "epoch-002.pt").exists()
+    saved = torch.load(
+        tmp_path / "cut" / "checkpoints" / "epoch-001.pt", map_location="cpu", weights_only=False
+    )["run_seconds"]
     resumed = train(
         *_small_run(mnist_root, tmp_path, name="ignored"),
         log=lambda _: None,
         resume=tmp_path / "cut",
     )
     assert resumed.run_dir == tmp_path / "cut"
+    # The reported training time is the whole run's: the killed process's epoch 1 included.
+    epoch_rows = [
+        json.loads(r) for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert saved >= epoch_rows[0]["train_seconds"]
+    assert resumed.seconds >= saved + epoch_rows[1]["train_seconds"]
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["train_seconds"] == (
+        resumed.seconds
+    )
     assert resumed.test.accuracy == full.test.accuracy
     assert resumed.test.loss == full.test.loss
     rows = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()

@@ -215,6 +215,9 @@ class _Trainer:
             distributed.main_only(lambda: check_run_dir(run_dir, size, train_cfg.keep_last + 3))
         self.best_epoch, self.best_val_error = 0, math.inf
         self.best_state: dict[str, torch.Tensor] | None = None
+        # The run's training time before this process (a resumed run), and when this one began:
+        # checkpoints carry their sum, so the reported time is the whole run's.
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         self.stop = _StopRequests(log)
         if resume_state is not None:
             try:
@@ -285,6 +288,7 @@ class _Trainer:
         self.state.load_state_dict(state, rank=self.dist.rank)
         if saved_world != world:
             self._rescale_schedule(epochs_done)
+        self.seconds_before = float(state.get("run_seconds", 0.0))
         best = state.get("best", {})
         self.best_epoch = int(best.get("epoch", 0))
         self.best_val_error = float(best.get("val_error", math.inf))
@@ -339,6 +343,7 @@ class _Trainer:
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
+            "run_seconds": self.seconds_before + time.perf_counter() - self.started,
             **({"teacher_sha256": self.teacher_sha256} if self.teacher_sha256 else {}),
         }
 
@@ -581,7 +586,7 @@ class _Trainer:
             f"{len(self.data.val_x)} validation images, {self.runtime.describe()}{procs}, "
             f"run directory {self.run_dir}"
         )
-        start = time.perf_counter()
+        self.started = start = time.perf_counter()
         epochs = 1 if cfg.dry_run else cfg.epochs
         epochs_run = self.state.epoch
         for epoch in range(self.state.epoch, epochs):
@@ -624,7 +629,7 @@ class _Trainer:
                 break
         if writer is not None:
             writer.close()
-        return self._finish(epochs_run, time.perf_counter() - start)
+        return self._finish(epochs_run, self.seconds_before + time.perf_counter() - start)
 
     def _epoch_lr(self) -> float:
         """The learning rate of the epoch's first step, also when a resume starts mid-epoch
