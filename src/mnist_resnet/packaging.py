@@ -125,18 +125,17 @@ def _train_run(
     data_cfg = dataclasses.replace(from_dict(DataConfig, configs["data"]), data_dir=data_root)
     model_cfg = from_dict(ModelConfig, configs["model"])
     log(f"{run_dir}: {recipe.command_in(str(run_dir.parent))}")
-    if run_dir.exists():
-        train(
-            model_cfg,
-            train_cfg,
-            data_cfg,
-            preset=recipe.preset,
-            log=log,
-            resume=run_dir,
-            resume_data_dir=data_root,
-        )
-    else:
-        train(model_cfg, train_cfg, data_cfg, preset=recipe.preset, log=log)
+    # A folder without result.json is a killed run of this recipe: go on with it.
+    killed = run_dir.exists()
+    train(
+        model_cfg,
+        train_cfg,
+        data_cfg,
+        preset=recipe.preset,
+        log=log,
+        resume=run_dir if killed else None,
+        resume_data_dir=data_root if killed else None,
+    )
 
 
 def package(

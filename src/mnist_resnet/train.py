@@ -343,7 +343,7 @@ class _Trainer:
             "normalization": {"mean": self.data.mean, "std": self.data.std},
             "class_names": list(self.data.class_names),
             "best": {"epoch": self.best_epoch, "val_error": self.best_val_error},
-            "run_seconds": self.seconds_before + time.perf_counter() - self.started,
+            "run_seconds": self._run_seconds(),
             **({"teacher_sha256": self.teacher_sha256} if self.teacher_sha256 else {}),
         }
 
@@ -586,7 +586,7 @@ class _Trainer:
             f"{len(self.data.val_x)} validation images, {self.runtime.describe()}{procs}, "
             f"run directory {self.run_dir}"
         )
-        self.started = start = time.perf_counter()
+        self.started = time.perf_counter()
         epochs = 1 if cfg.dry_run else cfg.epochs
         epochs_run = self.state.epoch
         for epoch in range(self.state.epoch, epochs):
@@ -629,7 +629,11 @@ class _Trainer:
                 break
         if writer is not None:
             writer.close()
-        return self._finish(epochs_run, self.seconds_before + time.perf_counter() - start)
+        return self._finish(epochs_run, self._run_seconds())
+
+    def _run_seconds(self) -> float:
+        """The whole run's training time so far, a killed and resumed run's earlier part too."""
+        return self.seconds_before + time.perf_counter() - self.started
 
     def _epoch_lr(self) -> float:
         """The learning rate of the epoch's first step, also when a resume starts mid-epoch

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from mnist_resnet import data, plots
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mnist_resnet.config import ConfigError, DataConfig, ModelConfig, TrainConfig, default_data_dir
+from mnist_resnet.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    default_data_dir,
+    to_dict,
+)
 from mnist_resnet.evaluate import evaluate
 from mnist_resnet.experiments import KINDS, DegradationConfig
 from mnist_resnet.files import atomic_write_text
@@ -243,11 +250,9 @@ def train_member(
         {
             "config": {
                 "preset": "custom",
-                "model": dataclasses.asdict(model_cfg),
-                "train": dataclasses.asdict(train_cfg),
-                "data": dataclasses.asdict(
-                    DataConfig(dataset=cfg.dataset, data_dir="data", augment=False)
-                ),
+                "model": to_dict(model_cfg),
+                "train": to_dict(train_cfg),
+                "data": to_dict(DataConfig(dataset=cfg.dataset, data_dir="data", augment=False)),
             },
             "model": model.state_dict(),
             "epoch": state.epoch,
