@@ -221,6 +221,16 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def busy_cores_now(seconds: float = 2.0) -> float:
+    """Cores other processes keep busy right now: the machine's busy time over a short sleep.
+
+    The load average cannot say this: a minute after a finished job it still reads above 1.
+    """
+    start = busy_cpu_seconds()
+    time.sleep(seconds)
+    return (busy_cpu_seconds() - start) / seconds
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -333,6 +343,7 @@ def main() -> int:
     # What the train, evaluate and ensemble commands do, so the throughput rows measure it.
     retain_freed_memory()
     info = machine()
+    info["busy_cores_at_start"] = round(busy_cores_now(), 3)
     print(f"machine: {info}")
     peaks = {
         "fp32": matmul_peak(torch.float32, args.window, args.repeats),
@@ -420,8 +431,8 @@ def main() -> int:
 
     report: dict[str, Any] = {"machine": info, "matmul_peak_flops": peaks}
     all_runs = [run for r in recipes.values() for run in r["runs"]]
-    report["machine_was_busy"] = any(run["machine_was_busy"] for run in all_runs) or (
-        info["load_average_at_start"][0] > BUSY_CORES * 4
+    report["machine_was_busy"] = (
+        any(run["machine_was_busy"] for run in all_runs) or info["busy_cores_at_start"] > BUSY_CORES
     )
     report["throughput_resnet20"] = speed
     report["throughput_fast_model"] = fast_speed
@@ -465,7 +476,8 @@ def print_table(report: dict[str, Any]) -> None:
     m = report["machine"]
     kind = "AMX" if m["amx"] else "AVX-512-BF16" if m["avx512_bf16"] else "no bf16 instructions"
     print(
-        f"machine: {m['cpu']} ({kind}), load average at start {m['load_average_at_start'][0]:.2f}"
+        f"machine: {m['cpu']} ({kind}), other processes busy on {m['busy_cores_at_start']:.2f} "
+        f"cores at start (load average {m['load_average_at_start'][0]:.2f})"
     )
     if report.get("machine_was_busy"):
         print("warning: the machine was busy during this benchmark; its times mean little")
