@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +126,27 @@ def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) 
     got = predict_proba(member, images, runtime, tta=True)
     assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
     assert torch.allclose(got.sum(1), torch.ones(16), atol=1e-5)
+
+
+@pytest.mark.numerics
+def test_tta_of_a_model_trained_on_mirror_images_also_averages_their_mirrors(
+    small_checkpoint: Path,
+) -> None:
+    plain = load_model(small_checkpoint)
+    flipped = dataclasses.replace(plain.data_config, flip=True)
+    member = dataclasses.replace(plain, data_config=flipped)
+    runtime = make_runtime(accel=False, amp=None, channels_last=True)
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    mirrored = images.flip(-1)
+    views = [
+        predict_proba(plain, shift_images(seen, dy, dx), runtime)
+        for seen in (images, mirrored)
+        for dy, dx in TTA_SHIFTS
+    ]
+    got = predict_proba(member, images, runtime, tta=True)
+    assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
+    # Without --tta a mirror-trained model still sees the image once, unmirrored.
+    assert torch.allclose(predict_proba(member, images, runtime), views[0], atol=1e-6)
 
 
 @pytest.mark.slow

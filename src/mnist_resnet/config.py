@@ -649,7 +649,11 @@ class EnsembleConfig(Settings):
         "test, or the validation images the checkpoints held out",
         choices=("test", "validation"),
     )
-    tta: bool = setting(False, "also average over one-pixel shifts of each image")
+    tta: bool = setting(
+        False,
+        "also average over one-pixel shifts of each image (and their mirror images, for "
+        "models trained with --flip)",
+    )
     select: int = setting(
         0,
         "first choose up to N of the checkpoints on the validation split (greedy forward "

@@ -30,7 +30,8 @@ Log = Callable[[str], None]
 SPLITS = ("test", "validation")
 
 # Test-time views: the image itself and one-pixel shifts in the four directions. Training
-# already shifts digits by up to 2 pixels, so these are views the network knows.
+# already shifts digits by up to 2 pixels, so these are views the network knows; a model
+# trained with `--flip` also gets the mirror image of each.
 TTA_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
@@ -52,22 +53,28 @@ def predict_proba(
     tta: bool = False,
     batch_size: int = TrainConfig.test_batch_size,
 ) -> torch.Tensor:
-    """Calibrated probabilities (N, classes) of one model, averaged over the TTA views if asked."""
+    """Calibrated probabilities (N, classes) of one model, averaged over the TTA views if asked:
+    one-pixel shifts, and for a model trained on mirrored images (`--flip`) their mirror images
+    too."""
     model = runtime.prepare_model(member.model)
     views = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+    # Only a model that learned mirrored images knows them; for digits a mirror image is no view.
+    mirrors = (False, True) if tta and member.data_config.flip else (False,)
     total = torch.zeros(())
-    for dy, dx in views:
-        logits = predict_logits(
-            model,
-            shift_images(images_u8, dy, dx),
-            mean=member.mean,
-            std=member.std,
-            runtime=runtime,
-            batch_size=batch_size,
-        )
-        # Each member's own calibration (docs/calibration.md): 1 for a file without one.
-        total = total + member.calibration.apply(logits)
-    return total / len(views)
+    for mirror in mirrors:
+        seen = images_u8.flip(-1) if mirror else images_u8
+        for dy, dx in views:
+            logits = predict_logits(
+                model,
+                shift_images(seen, dy, dx),
+                mean=member.mean,
+                std=member.std,
+                runtime=runtime,
+                batch_size=batch_size,
+            )
+            # Each member's own calibration (docs/calibration.md): 1 for a file without one.
+            total = total + member.calibration.apply(logits)
+    return total / (len(views) * len(mirrors))
 
 
 @dataclass(frozen=True)
