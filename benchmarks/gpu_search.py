@@ -82,8 +82,8 @@ def run_jobs(args: argparse.Namespace) -> int:
         now = time.monotonic()
         for name, (pool, proc, began, flags) in list(running.items()):
             if proc.poll() is not None:
-                ended[name] = {"pool": pool, "flags": flags, "rc": proc.returncode}
-                ended[name]["wall_s"] = round(now - began, 1)
+                wall = round(now - began, 1)
+                ended[name] = {"pool": pool, "flags": flags, "rc": proc.returncode, "wall_s": wall}
                 del running[name]
                 print(f"[{now - start:5.0f}s] {name} ended ({proc.returncode})", flush=True)
         if now - start > args.deadline:

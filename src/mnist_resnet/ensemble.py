@@ -9,6 +9,7 @@ average from the validation split alone.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,24 +58,23 @@ def predict_proba(
     one-pixel shifts, and for a model trained on mirrored images (`--flip`) their mirror images
     too."""
     model = runtime.prepare_model(member.model)
-    views = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
     # Only a model that learned mirrored images knows them; for digits a mirror image is no view.
-    mirrors = (False, True) if tta and member.data_config.flip else (False,)
+    mirror = tta and member.data_config.flip
+    sources = (images_u8, images_u8.flip(-1)) if mirror else (images_u8,)
     total = torch.zeros(())
-    for mirror in mirrors:
-        seen = images_u8.flip(-1) if mirror else images_u8
-        for dy, dx in views:
-            logits = predict_logits(
-                model,
-                shift_images(seen, dy, dx),
-                mean=member.mean,
-                std=member.std,
-                runtime=runtime,
-                batch_size=batch_size,
-            )
-            # Each member's own calibration (docs/calibration.md): 1 for a file without one.
-            total = total + member.calibration.apply(logits)
-    return total / (len(views) * len(mirrors))
+    for seen, (dy, dx) in itertools.product(sources, shifts):
+        logits = predict_logits(
+            model,
+            shift_images(seen, dy, dx),
+            mean=member.mean,
+            std=member.std,
+            runtime=runtime,
+            batch_size=batch_size,
+        )
+        # Each member's own calibration (docs/calibration.md): 1 for a file without one.
+        total = total + member.calibration.apply(logits)
+    return total / (len(sources) * len(shifts))
 
 
 @dataclass(frozen=True)
