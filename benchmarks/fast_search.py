@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", type=Path, default=HERE / "results-fast-search.json")
+    p.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep the run folders (checkpoints) here, e.g. to study test-time averaging; "
+        "by default they go to a temporary folder that is removed",
+    )
     args = p.parse_args(argv)
     record: dict[str, Any] = {"variants": {}}
     if args.out.is_file():
@@ -106,12 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"variant {name!r} is in {args.out} with other flags: {entry['args']}")
         have = {r["seed"] for r in entry["runs"] if "failed" not in r}
         todo += [(name, seed) for seed in args.seeds if seed not in have]
-    with tempfile.TemporaryDirectory(prefix="fast-search-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="fast-search-") as temporary:
+        scratch = args.keep or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
 
         def go(job: tuple[str, int]) -> tuple[str, dict[str, Any]]:
             name, seed = job
             flags = record["variants"][name]["args"]
-            return name, run_one(args.preset, seed, flags, args.data_dir, Path(scratch))
+            return name, run_one(args.preset, seed, flags, args.data_dir, scratch)
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for name, result in pool.map(go, todo):

@@ -8,6 +8,9 @@ self-contained and ``shortcut=False`` gives the paper's "plain net" with exactly
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,65 @@ from mnist_resnet.config import ConfigError, ModelConfig, blocks_per_stage
 IMAGE_SIZE = 28
 STAGE_WIDTHS = (16, 32, 64)
 STAGE_STRIDES = (1, 2, 2)
+
+# One view of an image: (rows down, columns right, mirrored left to right).
+View = tuple[int, int, bool]
+_SHIFTS: tuple[View, ...] = (
+    (0, 0, False),
+    (0, 1, False),
+    (0, -1, False),
+    (1, 0, False),
+    (-1, 0, False),
+)
+# The views of each `config.TTA` name; the image as given first (`given_view` relies on it).
+VIEWS: dict[str, tuple[View, ...]] = {
+    "none": _SHIFTS[:1],
+    "shift-x": _SHIFTS[:3],
+    "shift": _SHIFTS,
+    "shift-flip": _SHIFTS + tuple((dy, dx, True) for dy, dx, _ in _SHIFTS),
+}
+
+
+def average_views(
+    logits_of: Callable[[Tensor], Tensor], x: Tensor, views: tuple[View, ...]
+) -> Tensor:
+    """log of the mean class probability over `views` of each image in `x` (N, C, H, W): valid
+    logits (their softmax is that mean). All views run as one batch, view by view, so that a
+    layer's output holds the image as given in its first N rows."""
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    # The row or column shifted in repeats the edge, which in these images is background; a
+    # zero fill would be background only before normalisation.
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    batch = []
+    for dy, dx, mirrored in views:
+        view = padded[:, :, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+        batch.append(view.flip(-1) if mirrored else view)
+    log_p = logits_of(torch.cat(batch)).float().log_softmax(dim=1)
+    log_p = log_p.reshape(len(views), n, log_p.shape[-1])
+    return torch.logsumexp(log_p, dim=0) - math.log(len(views))
+
+
+@contextmanager
+def views_off(model: nn.Module) -> Iterator[None]:
+    """While open, the ResNets in `model` predict from the images as given, one view each."""
+    nets = [m for m in model.modules() if isinstance(m, ResNet)]
+    saved = [net.views for net in nets]
+    for net in nets:
+        net.views = VIEWS["none"]
+    try:
+        yield
+    finally:
+        for net, views in zip(nets, saved, strict=True):
+            net.views = views
+
+
+def given_view(model: nn.Module, out: Tensor) -> Tensor:
+    """The rows of a layer's output (seen by a forward hook on `model`'s parts) that belong to
+    the images as given, when the ResNet in `model` averages views at test time."""
+    net = next((m for m in model.modules() if isinstance(m, ResNet)), None)
+    if net is None or net.training or len(net.views) == 1:
+        return out
+    return out[: out.shape[0] // len(net.views)]
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -138,8 +200,11 @@ class ResNet(nn.Module):
         stem_stride: int = 1,
         pool_before_norm: bool = False,
         stem_unshuffle: bool = False,
+        views: tuple[View, ...] = VIEWS["none"],
     ) -> None:
         super().__init__()
+        # Test-time views (`config.TTA`): averaged in eval mode only.
+        self.views = views
         self.block = block
         self.blocks_per_stage = blocks_per_stage
         self.has_shortcut = shortcut
@@ -193,6 +258,12 @@ class ResNet(nn.Module):
         return (self.layer1, self.layer2, self.layer3)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.training or len(self.views) == 1:
+            return self.logits(x)
+        return average_views(self.logits, x, self.views)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The network's logits for `x` as given, in training and eval mode alike."""
         out: Tensor = self.conv1(self.unshuffle(x))
         if self.pool_before_norm:
             out = self.stem_pool(out)
@@ -258,6 +329,7 @@ def resnet(
     stem_stride: int = 1,
     pool_before_norm: bool = False,
     stem_unshuffle: bool = False,
+    tta: str = "none",
 ) -> ResNet:
     """ResNet of a CIFAR-style depth; raises ConfigError for depths the block cannot reach."""
     n = blocks_per_stage(depth, block)
@@ -273,6 +345,7 @@ def resnet(
         stem_stride=stem_stride,
         pool_before_norm=pool_before_norm,
         stem_unshuffle=stem_unshuffle,
+        views=VIEWS[tta],
     )
 
 
@@ -341,6 +414,7 @@ def _build(cfg: ModelConfig) -> nn.Module:
         stem_stride=cfg.stem_stride,
         pool_before_norm=cfg.pool_before_norm,
         stem_unshuffle=cfg.stem_unshuffle,
+        tta=cfg.tta,
     )
 
 
@@ -406,7 +480,8 @@ def flops_per_image(model: nn.Module, in_channels: int = 1) -> int:
     counter = FlopCounterMode(display=False)
     try:
         with torch.no_grad(), counter:
-            model(x)
+            # One view: a model that averages views at test time runs this once per view.
+            model.logits(x) if isinstance(model, ResNet) else model(x)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -432,7 +507,9 @@ def describe(cfg: ModelConfig) -> str:
         stem = ", unshuffled stem"
     if cfg.stem_pool:
         stem += ", pooled stem (pool, then BN)" if cfg.pool_before_norm else ", pooled stem"
-    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem})"
+    views = len(VIEWS[cfg.tta])
+    tta = f", averages {views} views at test time" if views > 1 else ""
+    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem}{tta})"
 
 
 def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
@@ -475,4 +552,7 @@ def summary(cfg: ModelConfig) -> str:
         f"parameters: {count_parameters(model):,}",
         f"forward FLOPs/image: {flops / 1e6:.1f} M (multiply-add = 2 FLOPs)",
     ]
+    views = len(VIEWS[cfg.tta])
+    if views > 1:
+        lines.append(f"test-time averaging: {views} views per prediction ({views}x those FLOPs)")
     return "\n".join(lines)

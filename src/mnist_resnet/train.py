@@ -13,6 +13,7 @@ optimizer and schedule in `optim.py`, run directories in `runs.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,7 +48,7 @@ from mnist_resnet.errors import TrainingError, TrainingInterrupted
 from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
 from mnist_resnet.loop import EpochProgress, Hooks, TrainState, train_one_epoch
-from mnist_resnet.model import build_model, check_size, describe, folded_copy
+from mnist_resnet.model import build_model, check_size, describe, folded_copy, views_off
 from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runs import (
@@ -367,8 +368,16 @@ class _Trainer:
             old.unlink(missing_ok=True)
 
     def _evaluate(
-        self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        model: nn.Module | None = None,
+        *,
+        views: bool = True,
     ) -> EvalResult:
+        """Metrics of the model on (x, y); `views=False` judges the network on the images as
+        given even when the model averages views at test time (`--tta`): the per-epoch
+        validation, which only compares epochs and would cost the views' multiple each time."""
         model = self.eval_forward if model is None else model
         if not self.dist.enabled and not self.cfg.compile:
             # Judged through a copy with its batch norms folded, the form `evaluate`, `predict`
@@ -376,6 +385,12 @@ class _Trainer:
             model = self.runtime.prepare_model(folded_copy(model))
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
+        with contextlib.ExitStack() as stack:
+            if not views:
+                stack.enter_context(views_off(model))
+            return self._metrics(model, x, y)
+
+    def _metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
         if self.dist.enabled:
             return evaluate_shard(
                 model,
@@ -598,7 +613,9 @@ class _Trainer:
             selectable = self.model if average is None else average.model
             self._check_finite(selectable, epoch)
             if len(self.data.val_x):
-                val = self._evaluate(self.data.val_x, self.data.val_y, self._candidate())
+                val = self._evaluate(
+                    self.data.val_x, self.data.val_y, self._candidate(), views=False
+                )
                 row.update(val_loss=val.loss, val_error=val.error)
                 improved = val.error < self.best_val_error
             else:
