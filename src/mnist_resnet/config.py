@@ -462,8 +462,7 @@ PRESETS: dict[str, Preset] = {
     # Its predictions average the image and its four one-pixel shifts: the view set with the
     # lowest validation error over 6 seeds (the left/right pair alone did not help it).
     "resnet14": Preset(
-        "ResNet-14, plain blocks (0.17M params), 3 epochs, 5-view test-time averaging: the "
-        "default",
+        "ResNet-14, plain blocks (0.17M params), 3 epochs, 5-view test-time averaging: the default",
         ModelConfig(depth=14, tta="shift"),
         TrainConfig(epochs=3),
     ),
