@@ -29,6 +29,13 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Runs in the child before it starts: a suite started in the background (`&`, nohup)
+    passes SIGINT on ignored, and Python then never turns it into KeyboardInterrupt; the
+    foreground job a terminal's Ctrl-C reaches has the default, as here."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _worktrees() -> str:
     done = subprocess.run(["git", "-C", str(REPO), "worktree", "list", "--porcelain"],
                           capture_output=True, text=True, check=True)  # fmt: skip
@@ -46,7 +53,13 @@ def test_an_interrupted_load_test_stops_its_servers_and_removes_its_worktree(
     """Stopped while both servers start (the moment with the most to undo): exit 130, both
     server process groups gone, the baseline worktree removed from disk and from git."""
     argv = [sys.executable, str(SCRIPT), str(SHIPPED), "--baseline", "HEAD"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )
     assert proc.stdout is not None
     servers: list[int] = []
     tree: Path | None = None
