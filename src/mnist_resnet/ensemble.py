@@ -9,7 +9,6 @@ average from the validation split alone.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,16 +23,18 @@ from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
 from mnist_resnet.config import ConfigError, EnsembleConfig, TrainConfig
 from mnist_resnet.files import writable_file
 from mnist_resnet.inference import predict_logits
+from mnist_resnet.model import VIEWS
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runtime import Runtime
 
 Log = Callable[[str], None]
 SPLITS = ("test", "validation")
 
-# Test-time views: the image itself and one-pixel shifts in the four directions. Training
-# already shifts digits by up to 2 pixels, so these are views the network knows; a model
-# trained with `--flip` also gets the mirror image of each.
-TTA_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+# Test-time views: the image itself and one-pixel shifts in the four directions (the model's own
+# `shift` set, here applied to uint8 images with a zero fill). Training already shifts digits by
+# up to 2 pixels, so these are views the network knows; a model trained with `--flip` also gets
+# the mirror image of each.
+TTA_SHIFTS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy, dx, _ in VIEWS["shift"])
 
 
 def shift_images(images_u8: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -58,15 +59,15 @@ def predict_proba(
     one-pixel shifts, and for a model trained on mirrored images (`--flip`) their mirror images
     too."""
     model = runtime.prepare_model(member.model)
-    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
     # Only a model that learned mirrored images knows them; for digits a mirror image is no view.
-    mirror = tta and member.data_config.flip
-    sources = (images_u8, images_u8.flip(-1)) if mirror else (images_u8,)
+    views = (
+        VIEWS["none"] if not tta else VIEWS["shift-flip" if member.data_config.flip else "shift"]
+    )
     total = torch.zeros(())
-    for seen, (dy, dx) in itertools.product(sources, shifts):
+    for dy, dx, mirrored in views:
         logits = predict_logits(
             model,
-            shift_images(seen, dy, dx),
+            shift_images(images_u8.flip(-1) if mirrored else images_u8, dy, dx),
             mean=member.mean,
             std=member.std,
             runtime=runtime,
@@ -74,7 +75,7 @@ def predict_proba(
         )
         # Each member's own calibration (docs/calibration.md): 1 for a file without one.
         total = total + member.calibration.apply(logits)
-    return total / (len(sources) * len(shifts))
+    return total / len(views)
 
 
 @dataclass(frozen=True)

@@ -385,9 +385,7 @@ class _Trainer:
             model = self.runtime.prepare_model(folded_copy(model))
         if self.cfg.dry_run:
             x, y = x[: self.cfg.test_batch_size], y[: self.cfg.test_batch_size]
-        with contextlib.ExitStack() as stack:
-            if not views:
-                stack.enter_context(views_off(model))
+        with contextlib.nullcontext() if views else views_off(model):
             return self._metrics(model, x, y)
 
     def _metrics(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> EvalResult:
