@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", default="fast")
+    p.add_argument(
+        "--args", default="", help='flags added to every run, e.g. "--max-shift 1" (a variant)'
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(11, 21)))
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--data-dir", default=default_data_dir())
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report: dict[str, Any] = {
         "preset": args.preset,
+        "args": args.args,
         "seeds": args.seeds,
         "machine": machine(),
         "date": datetime.date.today().isoformat(),
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             # The precisions in turn, seed by seed, so that a drift of the machine's speed
             # touches both alike.
             for name in args.precisions:
-                argv_ = ["--preset", args.preset, "--seed", str(seed), *PRECISIONS[name]]
+                argv_ = ["--preset", args.preset, "--seed", str(seed), *shlex.split(args.args)]
+                argv_ += PRECISIONS[name]
                 run = run_training(argv_, args.data_dir, Path(tmp), f"{name}-s{seed}")
                 run["seed"] = seed
                 report["runs"][name].append(run)
