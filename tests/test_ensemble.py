@@ -14,13 +14,7 @@ import torch.nn.functional as F
 from mnist_resnet import cli, data
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from mnist_resnet.config import ConfigError
-from mnist_resnet.ensemble import (
-    TTA_SHIFTS,
-    ensemble,
-    predict_proba,
-    select_members,
-    shift_images,
-)
+from mnist_resnet.ensemble import ensemble, predict_proba, select_members, shift_images
 from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.precision import make_runtime
 
@@ -117,12 +111,18 @@ def test_one_member_runs_in_its_recorded_precision_as_evaluate_does(
     assert capsys.readouterr().out.strip().splitlines()[-1] == evaluated
 
 
+# The views `ensemble --tta` averages: the image itself first, then one pixel each way.
+ONE_PIXEL_SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))
+
+
 @pytest.mark.numerics
 def test_tta_averages_the_shifted_views(small_checkpoint: Path, tmp_path: Path) -> None:
     member = load_model(small_checkpoint)
     runtime = make_runtime(accel=False, amp=None, channels_last=True)
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
-    views = [predict_proba(member, shift_images(images, dy, dx), runtime) for dy, dx in TTA_SHIFTS]
+    views = [
+        predict_proba(member, shift_images(images, dy, dx), runtime) for dy, dx in ONE_PIXEL_SHIFTS
+    ]
     got = predict_proba(member, images, runtime, tta=True)
     assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)
     assert torch.allclose(got.sum(1), torch.ones(16), atol=1e-5)
@@ -141,7 +141,7 @@ def test_tta_of_a_model_trained_on_mirror_images_also_averages_their_mirrors(
     views = [
         predict_proba(plain, shift_images(seen, dy, dx), runtime)
         for seen in (images, mirrored)
-        for dy, dx in TTA_SHIFTS
+        for dy, dx in ONE_PIXEL_SHIFTS
     ]
     got = predict_proba(member, images, runtime, tta=True)
     assert torch.allclose(got, torch.stack(views).mean(0), atol=1e-6)

@@ -30,12 +30,6 @@ from mnist_resnet.runtime import Runtime
 Log = Callable[[str], None]
 SPLITS = ("test", "validation")
 
-# Test-time views: the image itself and one-pixel shifts in the four directions (the model's own
-# `shift` set, here applied to uint8 images with a zero fill). Training already shifts digits by
-# up to 2 pixels, so these are views the network knows; a model trained with `--flip` also gets
-# the mirror image of each.
-TTA_SHIFTS: tuple[tuple[int, int], ...] = tuple((dy, dx) for dy, dx, _ in VIEWS["shift"])
-
 
 def shift_images(images_u8: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """Translate (N, H, W) uint8 images by (dy, dx) pixels, filling with 0 (the background)."""
@@ -59,7 +53,9 @@ def predict_proba(
     one-pixel shifts, and for a model trained on mirrored images (`--flip`) their mirror images
     too."""
     model = runtime.prepare_model(member.model)
-    # Only a model that learned mirrored images knows them; for digits a mirror image is no view.
+    # The model's own view sets, applied here to uint8 images with a zero fill. Training already
+    # shifts digits by a pixel or two, so these are views the network knows. Only a model that
+    # learned mirrored images knows them; for digits a mirror image is no view.
     views = (
         VIEWS["none"] if not tta else VIEWS["shift-flip" if member.data_config.flip else "shift"]
     )
