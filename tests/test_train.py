@@ -114,22 +114,27 @@ class _Killed(Exception):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_metrics(mnist_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "optimizer", [{}, {"optimizer": "muon", "muon_lr": 0.05}], ids=["sgd", "muon"]
+)
+def test_killed_run_resumes_to_identical_metrics(
+    mnist_root: Path, tmp_path: Path, optimizer: dict[str, Any]
+) -> None:
     """Interrupting after epoch 2 trains, before its checkpoint, then resuming from epoch 1."""
-    full = train(*_small_run(mnist_root, tmp_path, name="full"), log=lambda _: None)
+    full = train(*_small_run(mnist_root, tmp_path, name="full", **optimizer), log=lambda _: None)
 
     def die_at_epoch_two(line: str) -> None:
         if line.startswith("epoch 2/"):
             raise _Killed
 
     with pytest.raises(_Killed):
-        train(*_small_run(mnist_root, tmp_path, name="cut"), log=die_at_epoch_two)
+        train(*_small_run(mnist_root, tmp_path, name="cut", **optimizer), log=die_at_epoch_two)
     assert not (tmp_path / "cut" / "checkpoints" / "epoch-002.pt").exists()
     saved = torch.load(
         tmp_path / "cut" / "checkpoints" / "epoch-001.pt", map_location="cpu", weights_only=False
     )["run_seconds"]
     resumed = train(
-        *_small_run(mnist_root, tmp_path, name="ignored"),
+        *_small_run(mnist_root, tmp_path, name="ignored", **optimizer),
         log=lambda _: None,
         resume=tmp_path / "cut",
     )

@@ -27,17 +27,118 @@ def peak_lr(cfg: TrainConfig, world_size: int = 1) -> float:
     """`--lr` times the number of processes for SGD: the global batch is `batch_size` x world
     size, and the linear scaling rule (Goyal et al. 2017, with the warmup we already use) keeps
     the step per image unchanged. Adadelta adapts its own step size and is left alone."""
-    return cfg.lr * world_size if cfg.optimizer == "sgd" else cfg.lr
+    return cfg.lr * world_size if cfg.optimizer in ("sgd", "muon") else cfg.lr
+
+
+def group_peak_lr(group: dict[str, Any], cfg: TrainConfig, world_size: int = 1) -> float:
+    """The peak rate of one parameter group: `--muon-lr` for the group Muon steps (its update
+    has a set size whatever the batch, so it does not scale with the processes), else `peak_lr`."""
+    return cfg.muon_lr if group.get("muon") else peak_lr(cfg, world_size)
 
 
 def make_optimizer(
     model: nn.Module, cfg: TrainConfig, world_size: int = 1
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
     lr = peak_lr(cfg, world_size)
     if cfg.optimizer == "adadelta":
-        return torch.optim.Adadelta(groups, lr=lr)
+        return torch.optim.Adadelta(param_groups(model, cfg.weight_decay), lr=lr)
+    if cfg.optimizer == "muon":
+        return MuonSGD(model, cfg, world_size)
+    groups = param_groups(model, cfg.weight_decay)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def hidden_conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The conv weights of the residual stages: what Muon is for. The stem conv (which sees
+    pixels, not features), the classifier, BN parameters and biases are left to SGD, as the
+    Muon authors advise for the first and last layers."""
+    stages = getattr(model, "stages", None)
+    modules = [m for s in stages for m in s.modules()] if stages else list(model.modules())[1:]
+    convs = [m.weight for m in modules if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    # Without stages (another network), every conv but the first, the stem, counts as hidden.
+    return convs if stages else convs[1:]
+
+
+def _as_matrix(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A conv weight or gradient (out, in, kh, kw) as an out x (in*kh*kw) matrix, its columns in
+    the order of the weight's memory (in, kh, kw for NCHW; kh, kw, in for channels_last), so
+    that for the weight itself the matrix is a view of its storage."""
+    if channels_last:
+        t = t.permute(0, 2, 3, 1)
+    return t.reshape(t.shape[0], -1)
+
+
+class MuonSGD(torch.optim.SGD):
+    """Muon on the conv weights of the residual stages, Nesterov SGD on everything else.
+
+    Muon (torch.optim.Muon; Jordan et al. 2024) replaces each weight matrix's momentum update by
+    its nearest semi-orthogonal matrix, so every direction of the matrix moves by about the same
+    amount; on our short schedules that fits MNIST in fewer epochs than SGD (docs/results.md).
+    torch's Muon steps 2-D parameters only: it steps out x (in*kh*kw) views that share each conv
+    weight's storage, so the network keeps its own parameters, layout and state dict. Its group
+    sits last in `param_groups` (flagged "muon", peak rate `--muon-lr`), so the schedule sets its
+    rate like any other group's; `step` hands that group's gradients to the views.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> None:
+        hidden = hidden_conv_weights(model)
+        ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in rest if p.ndim > 1], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
+            {"params": hidden, "lr": cfg.muon_lr, "weight_decay": 0.0, "muon": True},
+        ]
+        super().__init__(
+            groups, lr=peak_lr(cfg, world_size), momentum=cfg.momentum, nesterov=cfg.nesterov
+        )
+        # NCHW-contiguous weights view as (out, in*kh*kw) directly; others (channels_last)
+        # after moving the channels last. 1x1 kernels are both and read the same either way.
+        self._channels_last = [not p.is_contiguous() for p in hidden]
+        self._matrices = [
+            nn.Parameter(_as_matrix(p.detach(), last))
+            for p, last in zip(hidden, self._channels_last, strict=True)
+        ]
+        for p, m in zip(hidden, self._matrices, strict=True):
+            if m.data_ptr() != p.data_ptr() or m.numel() != p.numel():
+                raise RuntimeError("a conv weight's memory layout gives no matrix view of it")
+        self._muon = torch.optim.Muon(
+            self._matrices,
+            lr=cfg.muon_lr,
+            weight_decay=0.0,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[-1]
+        for p, m, last in zip(group["params"], self._matrices, self._channels_last, strict=True):
+            if m.data_ptr() != p.data_ptr():
+                # A module.to() that re-lays out the weights would leave Muon stepping copies.
+                raise RuntimeError("a conv weight moved after its optimizer was made")
+            m.grad = None if p.grad is None else _as_matrix(p.grad, last)
+            p.grad = None  # SGD skips a parameter without a gradient
+        self._muon.param_groups[0]["lr"] = group["lr"]
+        self._muon.step()  # type: ignore[no-untyped-call]
+        super().step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["muon"] = self._muon.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        if "muon" not in state:
+            raise ValueError("this optimizer state holds no Muon part")
+        self._muon.load_state_dict(state.pop("muon"))
+        super().load_state_dict(state)
 
 
 def lr_factor(step: int, *, cfg: TrainConfig, steps_per_epoch: int) -> float:

@@ -49,7 +49,13 @@ from mnist_resnet.evaluate import EvalResult, evaluate, evaluate_shard
 from mnist_resnet.files import atomic_write_text
 from mnist_resnet.loop import EpochProgress, Hooks, TrainState, train_one_epoch
 from mnist_resnet.model import build_model, check_size, describe, folded_copy, views_off
-from mnist_resnet.optim import WeightAverage, make_optimizer, make_scheduler, peak_lr
+from mnist_resnet.optim import (
+    WeightAverage,
+    group_peak_lr,
+    make_optimizer,
+    make_scheduler,
+    peak_lr,
+)
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runs import (
     check_run_dir,
@@ -313,7 +319,7 @@ class _Trainer:
         per-step schedule at the start of epoch `epochs_done + 1` from the scaled peak lr."""
         optimizer = self.state.optimizer
         for group in optimizer.param_groups:
-            group["initial_lr"] = peak_lr(self.cfg, self.dist.world_size)
+            group["initial_lr"] = group_peak_lr(group, self.cfg, self.dist.world_size)
         self.state.scheduler = make_scheduler(
             optimizer, self.cfg, self.steps_per_epoch, step=epochs_done * self.steps_per_epoch
         )
