@@ -116,3 +116,11 @@ def test_weights_laid_out_anew_after_the_optimizer_are_refused_not_silently_miss
     _backward(model, 0)
     with pytest.raises(RuntimeError, match="moved after"):
         opt.step()
+
+
+def test_a_model_without_convs_after_its_stem_is_refused_in_one_line() -> None:
+    from mnist_resnet.settings import ConfigError
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    with pytest.raises(ConfigError, match="needs conv layers after the stem"):
+        make_optimizer(model, MUON)

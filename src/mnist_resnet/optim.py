@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mnist_resnet.config import TrainConfig
+from mnist_resnet.settings import ConfigError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -82,6 +83,10 @@ class MuonSGD(torch.optim.SGD):
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> None:
         hidden = hidden_conv_weights(model)
+        if not hidden:
+            raise ConfigError(
+                "--optimizer muon needs conv layers after the stem; this model has none"
+            )
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         groups: list[dict[str, Any]] = [
