@@ -466,9 +466,9 @@ DEFAULT_PRESET = "resnet14"
 PRESETS: dict[str, Preset] = {
     # With SGD three epochs were ahead of two on validation, and level with 12 epochs of the
     # `fast` network, which cost about the same on these CPUs; Muon on the stages' conv weights
-    # fits in two epochs what SGD fits in three (docs/results.md, "The default on held-out
-    # seeds"). Shifts of at most one pixel and weight decay 1e-3, as in `fast`, and predictions
-    # that average the image and its four one-pixel shifts: each chosen on the validation split.
+    # fits in two epochs what SGD fits in three (docs/results.md, "Muon for the default").
+    # Shifts of at most one pixel and weight decay 1e-3, as in `fast`, and predictions that
+    # average the image and its four one-pixel shifts: each chosen on the validation split.
     "resnet14": Preset(
         "ResNet-14, plain blocks (0.17M params), Muon + SGD, 2 epochs, 1-px shifts, weight decay "
         "1e-3, 5-view test-time averaging: the default",

@@ -25,9 +25,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def peak_lr(cfg: TrainConfig, world_size: int = 1) -> float:
-    """`--lr` times the number of processes for SGD: the global batch is `batch_size` x world
-    size, and the linear scaling rule (Goyal et al. 2017, with the warmup we already use) keeps
-    the step per image unchanged. Adadelta adapts its own step size and is left alone."""
+    """`--lr` times the number of processes for SGD (Muon's SGD part included): the global batch
+    is `batch_size` x world size, and the linear scaling rule (Goyal et al. 2017, with the warmup
+    we already use) keeps the step per image unchanged. Adadelta adapts its own step size and is
+    left alone."""
     return cfg.lr * world_size if cfg.optimizer in ("sgd", "muon") else cfg.lr
 
 
