@@ -417,7 +417,8 @@ class TrainConfig(Settings):
     # Knowledge distillation (distill.py): checkpoints of the same dataset whose averaged
     # answers at `distill_temperature` the network also learns from, with `distill_weight` of
     # the loss (the rest is the cross-entropy with the labels). 0.9 and 4 are the usual pair
-    # for one network learning from stronger ones (Hinton et al. 2015; Tian et al. 2020).
+    # for one network learning from stronger ones (Hinton et al.'s distillation paper; the
+    # distillation baselines of Tian et al.'s CRD).
     # Paths are made absolute so that a resumed run finds them from any folder.
     teachers: tuple[str, ...] = setting(
         (),
