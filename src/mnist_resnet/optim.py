@@ -14,10 +14,15 @@ from mnist_resnet.config import TrainConfig
 from mnist_resnet.settings import ConfigError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only; BN parameters and biases are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+def param_groups(
+    model: nn.Module, weight_decay: float, *, leave_out: list[torch.Tensor] | None = None
+) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; BN parameters and biases are not decayed.
+    `leave_out`: parameters another optimizer steps (Muon's)."""
+    skip = {id(p) for p in leave_out or []}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -61,6 +66,11 @@ def hidden_conv_weights(model: nn.Module) -> list[torch.Tensor]:
     return convs if stages else convs[1:]
 
 
+def _last(weight: torch.Tensor) -> bool:
+    """Whether `weight`'s matrix takes its columns in channels_last order (kh, kw, in)."""
+    return not weight.is_contiguous()
+
+
 def _as_matrix(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A conv weight or gradient (out, in, kh, kw) as an out x (in*kh*kw) matrix, its columns in
     the order of the weight's memory (in, kh, kw for NCHW; kh, kw, in for channels_last), so
@@ -73,13 +83,14 @@ def _as_matrix(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 class MuonSGD(torch.optim.SGD):
     """Muon on the conv weights of the residual stages, Nesterov SGD on everything else.
 
-    Muon (torch.optim.Muon; Jordan et al. 2024) replaces each weight matrix's momentum update by
-    its nearest semi-orthogonal matrix, so every direction of the matrix moves by about the same
-    amount; on our short schedules that fits MNIST in fewer epochs than SGD (docs/results.md).
-    torch's Muon steps 2-D parameters only: it steps out x (in*kh*kw) views that share each conv
-    weight's storage, so the network keeps its own parameters, layout and state dict. Its group
-    sits last in `param_groups` (flagged "muon", peak rate `--muon-lr`), so the schedule sets its
-    rate like any other group's; `step` hands that group's gradients to the views.
+    Muon (Keller Jordan's optimizer, as torch.optim.Muon) replaces each weight matrix's momentum
+    update by its nearest semi-orthogonal matrix, so every direction of the matrix moves by about
+    the same amount; on our short schedules that fits MNIST in fewer epochs than SGD
+    (docs/results.md). torch's Muon steps 2-D parameters only: it steps out x (in*kh*kw) views
+    that share each conv weight's storage, so the network keeps its own parameters, layout and
+    state dict. Its group sits last in `param_groups` (flagged "muon", peak rate `--muon-lr`),
+    so the schedule sets its rate like any other group's; `step` hands that group's gradients to
+    the views.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> None:
@@ -88,23 +99,14 @@ class MuonSGD(torch.optim.SGD):
             raise ConfigError(
                 "--optimizer muon needs conv layers after the stem; this model has none"
             )
-        ids = {id(p) for p in hidden}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-        groups: list[dict[str, Any]] = [
-            {"params": [p for p in rest if p.ndim > 1], "weight_decay": cfg.weight_decay},
-            {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0},
-            {"params": hidden, "lr": cfg.muon_lr, "weight_decay": 0.0, "muon": True},
-        ]
+        groups = param_groups(model, cfg.weight_decay, leave_out=hidden)
+        groups.append({"params": hidden, "lr": cfg.muon_lr, "weight_decay": 0.0, "muon": True})
         super().__init__(
             groups, lr=peak_lr(cfg, world_size), momentum=cfg.momentum, nesterov=cfg.nesterov
         )
         # NCHW-contiguous weights view as (out, in*kh*kw) directly; others (channels_last)
         # after moving the channels last. 1x1 kernels are both and read the same either way.
-        self._channels_last = [not p.is_contiguous() for p in hidden]
-        self._matrices = [
-            nn.Parameter(_as_matrix(p.detach(), last))
-            for p, last in zip(hidden, self._channels_last, strict=True)
-        ]
+        self._matrices = [nn.Parameter(_as_matrix(p.detach(), _last(p))) for p in hidden]
         for p, m in zip(hidden, self._matrices, strict=True):
             if m.data_ptr() != p.data_ptr() or m.numel() != p.numel():
                 raise RuntimeError("a conv weight's memory layout gives no matrix view of it")
@@ -123,11 +125,11 @@ class MuonSGD(torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[-1]
-        for p, m, last in zip(group["params"], self._matrices, self._channels_last, strict=True):
+        for p, m in zip(group["params"], self._matrices, strict=True):
             if m.data_ptr() != p.data_ptr():
                 # A module.to() that re-lays out the weights would leave Muon stepping copies.
                 raise RuntimeError("a conv weight moved after its optimizer was made")
-            m.grad = None if p.grad is None else _as_matrix(p.grad, last)
+            m.grad = None if p.grad is None else _as_matrix(p.grad, _last(p))
             p.grad = None  # SGD skips a parameter without a gradient
         self._muon.param_groups[0]["lr"] = group["lr"]
         self._muon.step()  # type: ignore[no-untyped-call]
