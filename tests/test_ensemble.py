@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from mnist_resnet import cli, data
 from mnist_resnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from mnist_resnet.config import ConfigError
-from mnist_resnet.ensemble import ensemble, predict_proba, select_members, shift_images
+from mnist_resnet.ensemble import (
+    ensemble,
+    pack,
+    predict_proba,
+    select_members,
+    shift_images,
+)
 from mnist_resnet.evaluate import EvalResult
 from mnist_resnet.precision import make_runtime
 
@@ -190,6 +196,31 @@ def test_cli_ensemble_prints_accuracy_and_writes_json(
     saved = json.loads(out.read_text())
     assert len(saved["members"]) == 2 and saved["count"] == 10_000
     assert f"{saved['accuracy']:.2%}" in lines[-1]
+    # --save: the same two as one model file, which `evaluate` reads like any checkpoint.
+    packed = tmp_path / "packed.safetensors"
+    assert cli.main([*argv, "--save", str(packed)]) == 0
+    assert f"wrote {packed}: one model averaging 2 networks" in capsys.readouterr().out
+    loaded = load_model(packed)
+    assert loaded.model_config.members == 2
+    assert [m["epoch"] for m in loaded.state["members"]] == [load_checkpoint(other)["epoch"]] * 2
+    assert loaded.state["test"]["accuracy"] == pytest.approx(saved["accuracy"], abs=2e-4)
+    assert cli.main(["evaluate", str(packed), "--data-dir", str(mnist_root)]) == 0
+    evaluated = capsys.readouterr().out.strip().splitlines()[-1]
+    assert evaluated == f"test accuracy: {loaded.state['test']['accuracy']:.2%}"
+
+
+def test_only_members_of_one_network_and_one_data_pack_into_one_file(
+    small_checkpoint: Path, mnist_root: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "packed.pt"
+    with pytest.raises(ConfigError, match="at least two"):
+        pack([small_checkpoint], out, data_dir=mnist_root, log=lambda _: None)
+    state = load_checkpoint(small_checkpoint)
+    state["normalization"] = {"mean": 0.5, "std": 0.5}
+    save_checkpoint(tmp_path / "other.pt", state)
+    with pytest.raises(CheckpointError, match=r"differs .* in its normalization"):
+        pack([small_checkpoint, tmp_path / "other.pt"], out, data_dir=mnist_root)
+    assert not out.exists()
 
 
 def test_cli_ensemble_bad_input_is_one_line(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,18 +10,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mnist_resnet.config import PRESETS, ConfigError, ModelConfig, from_dict, stem_from_flags
+from mnist_resnet.config import (
+    PRESETS,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    stem_from_flags,
+)
 from mnist_resnet.model import (
     BaselineNet,
     BottleneckBlock,
     PlainBlock,
     ResNet,
     build_model,
+    conv_weight_count,
     count_parameters,
     flops_per_image,
     fold_batchnorm,
     folded_copy,
     resnet,
+    stack_members,
     summary,
 )
 
@@ -271,6 +282,7 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
         ModelConfig(depth=8, stem="pool-first"),
         ModelConfig(depth=8, stem="unshuffle"),
         ModelConfig(arch="baseline"),
+        ModelConfig(depth=8, members=3),
     ],
     ids=[
         "resnet14",
@@ -280,6 +292,7 @@ def test_pool_before_norm_matches_pool_after_when_bn_is_a_positive_affine_map() 
         "pool-before-norm",
         "unshuffled-stem",
         "baseline",
+        "ensemble",
     ],
 )
 def test_fold_batchnorm_keeps_eval_logits_and_removes_every_foldable_norm(
@@ -528,3 +541,62 @@ def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch(shortcut: bool) -> None
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     assert eval_loss() < before
+
+
+# --- ensembles in one module ------------------------------------------------------------------
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig(depth=8),
+        ModelConfig(block="bottleneck", depth=11, stem="pool-first", tta="shift-x"),
+        ModelConfig(depth=8, width=0.5, in_channels=3, num_classes=4),
+    ],
+    ids=["plain", "bottleneck-pooled-tta", "rgb-4-classes"],
+)
+def test_a_packed_ensemble_predicts_the_mean_probability_of_its_members(
+    cfg: ModelConfig,
+) -> None:
+    members = []
+    for _ in range(3):
+        net = build_model(cfg)
+        _randomise_bn(net)
+        members.append(net.eval())
+    packed_cfg = ModelConfig(**{**cfg.__dict__, "members": 3})
+    packed = build_model(packed_cfg)
+    packed.load_state_dict(stack_members([m.state_dict() for m in members]))
+    packed.eval()
+    # Three members' weights, each counted once; none shared.
+    assert count_parameters(packed) == 3 * count_parameters(members[0])
+    assert conv_weight_count(packed_cfg) == 3 * conv_weight_count(cfg)
+    x = torch.randn(5, cfg.in_channels, 28, 28)
+    with torch.no_grad():
+        mean = torch.stack([m(x).softmax(1) for m in members]).mean(0)
+        torch.testing.assert_close(packed(x).softmax(1), mean, rtol=1e-4, atol=1e-6)
+        # Folded for inference, it still does.
+        folded = fold_batchnorm(packed)(x).softmax(1)
+        torch.testing.assert_close(folded, mean, rtol=1e-4, atol=1e-6)
+    assert "ensemble of 3" in summary(packed_cfg)
+
+
+def test_members_of_different_shapes_do_not_stack_and_an_ensemble_is_never_trained(
+    tmp_path: Path,
+) -> None:
+    small, large = build_model(ModelConfig(depth=8)), build_model(ModelConfig(depth=14))
+    with pytest.raises(ConfigError, match="same shape"):
+        stack_members([small.state_dict(), large.state_dict()])
+    with pytest.raises(ConfigError, match="needs a resnet"):
+        ModelConfig(arch="baseline", members=2).validate()
+    from mnist_resnet.train import train
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="train its members one by one"):
+        train(
+            ModelConfig(depth=8, members=2),
+            TrainConfig(runs_dir=str(runs)),
+            DataConfig(data_dir=str(tmp_path)),
+            log=lambda _: None,
+        )
+    assert not runs.exists()  # refused before a run folder was made

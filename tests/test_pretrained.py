@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -15,7 +16,7 @@ import torch
 from datafakes import SHAPES, ShapesRun, shape_image
 
 from mnist_resnet import data, packaging, pretrained
-from mnist_resnet.checkpoint import load_checkpoint, load_model
+from mnist_resnet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
 from mnist_resnet.files import hash_file
@@ -368,3 +369,45 @@ def test_pretrained_train_command_trains_the_named_recipe(
     assert capsys.readouterr().out.strip() == f"run directory: {tmp_path / 'r' / 'mnist'}"
     with pytest.raises(SystemExit):
         main(["pretrained", "train", "no-such-model"])
+
+
+def test_an_ensemble_recipe_trains_its_members_then_packs_their_average(
+    shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = _recipe(shapes_run)
+    recipe = pretrained.ensemble_of(base, (1, 2), chosen="the only seeds tried")
+    members = [f"{pretrained.RUNS}/{run}/best.pt" for run in recipe.member_runs]
+    assert recipe.commands == [
+        base.command,
+        base.command.replace("--seed 1", "--seed 2"),
+        f"mnist-resnet ensemble {' '.join(members)} --split validation "
+        f"--save {pretrained.RUNS}/{base.dataset}/best.pt",
+    ]
+    monkeypatch.setitem(pretrained.RECIPES, "shapes", recipe)
+    # Both members finished earlier (the fixture's run, once as itself and once relabelled as
+    # seed 2; the teacher test above shows a missing run being trained): kept, then packed.
+    for run, seed in zip(recipe.member_runs, (1, 2), strict=True):
+        shutil.copytree(shapes_run.run_dir, tmp_path / run)
+        state = load_checkpoint(tmp_path / run / "best.pt")
+        state["config"]["train"]["seed"] = seed
+        save_checkpoint(tmp_path / run / "best.pt", state)
+    lines: list[str] = []
+    run_dir = packaging.train_recipe("shapes", tmp_path, log=lines.append)
+    assert ["kept" in line for line in lines[:3]] == [True, True, False]
+    state = load_checkpoint(run_dir / "best.pt")
+    assert state["config"]["model"]["members"] == 2
+    assert [m["seed"] for m in state["members"]] == [1, 2]
+    assert not packaging.recipe_differences(state["config"], recipe)
+    assert packaging.recipe_differences(state["config"], base)  # one network: another recipe
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["test_accuracy"] == state["test"]["accuracy"]
+    # Again: the members and their average are finished with this recipe, and kept.
+    lines.clear()
+    packaging.train_recipe("shapes", tmp_path, log=lines.append)
+    assert len(lines) == 3 and all("kept" in line for line in lines)
+    # Its model card says how the members were chosen, each at its own epoch.
+    meta = {"members": state["members"], "best_epoch": state["epoch"], "validation_error": 0.25}
+    selection = packaging.model_card(meta, recipe, {})["selection"]
+    assert selection.startswith("each of the 2 runs at its epoch with the lowest validation")
+    assert "(epochs 1, 1)" in selection and "(25.00%); the only seeds tried;" in selection
+    assert recipe.summary == f"average of 2 runs of the resnet14 preset {base.flags}, seeds 1, 2"

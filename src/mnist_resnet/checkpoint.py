@@ -53,6 +53,7 @@ INFERENCE_KEYS = (
     "calibration",
     "ood",
     "pretrained",
+    "members",
 )
 SAFETENSORS_SUFFIX = ".safetensors"
 # What a command line's argument must end in to be read as a checkpoint rather than an image.

@@ -174,6 +174,7 @@ BLOCK_KINDS = ("plain", "bottleneck")
 MAX_WIDTH = 16.0
 MAX_DEPTH = 1202
 MAX_CLASSES = 1000
+MAX_MEMBERS = 32
 
 
 def blocks_per_stage(depth: int, block: str = "plain") -> int:
@@ -292,6 +293,9 @@ class ModelConfig(Settings):
         + "; ".join(f"{name}: {text}" for name, text in TTA.items()),
         choices=TTA,
     )
+    # Several trained networks of this shape averaged in one module (`ensemble --save` packs
+    # them); no flag: a model of several members is put together from runs, never trained.
+    members: int = setting(1, low=1, high=MAX_MEMBERS)
 
     # The stem's parts, as the network builder reads them.
     @property
@@ -316,6 +320,8 @@ class ModelConfig(Settings):
             blocks_per_stage(self.depth, self.block)
         elif self.tta != "none":
             raise ConfigError(f"--tta {self.tta} needs a resnet, not the {self.arch} network")
+        elif self.members != 1:
+            raise ConfigError(f"an ensemble of {self.members} members needs a resnet")
 
 
 # torch.compile's modes (its own names).
@@ -702,6 +708,12 @@ class EnsembleConfig(Settings):
         low=0,
     )
     json: Path | None = setting(None, "also write results here", metavar="FILE")
+    save: Path | None = setting(
+        None,
+        "also write the ensemble as one model file (.pt or .safetensors) that averages its "
+        "members, for evaluate, predict, serve and export",
+        metavar="FILE",
+    )
 
 
 def preset(name: str) -> Preset:

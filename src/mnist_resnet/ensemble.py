@@ -3,7 +3,8 @@
 Both are judged on any split: `--split validation` re-creates each checkpoint's own held-out
 images from its saved split seed, so whether to ensemble or to use test-time shifts can be
 decided without looking at the test set, and `select_members` picks which checkpoints to
-average from the validation split alone.
+average from the validation split alone. `pack` puts the chosen members into one model file
+(`model.stack_members`) that predicts what their average predicts.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from mnist_resnet import data
-from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model
+from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model, save_checkpoint
 from mnist_resnet.config import ConfigError, EnsembleConfig, TrainConfig
+from mnist_resnet.evaluate import evaluate
 from mnist_resnet.files import writable_file
 from mnist_resnet.inference import predict_logits
-from mnist_resnet.model import VIEWS
+from mnist_resnet.model import VIEWS, build_model, folded_copy, stack_members
 from mnist_resnet.precision import make_runtime
 from mnist_resnet.runtime import Runtime
 
@@ -262,6 +264,97 @@ def select_members(
     return [checkpoints[i] for i in chosen[:keep]]
 
 
+# What members must share to be one model: they read the same pictures the same way, name the
+# same classes, and were judged on the same held-out images.
+_SHARED = ("data_hashes", "normalization", "class_names")
+
+
+def pack(
+    checkpoints: Sequence[Path],
+    out: Path,
+    *,
+    data_dir: Path,
+    batch_size: int = TrainConfig.test_batch_size,
+    accel: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Write the checkpoints' ensemble as one model file at `out` and return its state.
+
+    The members must be trained runs of one network shape on one dataset and validation split.
+    The packed model is measured like a run's best.pt: its validation error and test accuracy in
+    the precision its members trained in. Their calibrations, if any, are not carried over: the
+    average is calibrated afresh (`mnist-resnet calibrate`, or `pretrained package`).
+    """
+    if len(checkpoints) < 2:
+        raise ConfigError("--save: an ensemble needs at least two checkpoints")
+    members = _load_members(checkpoints, "validation")
+    first = members[0]
+    shape = dataclasses.replace(first.model_config, tta="none")
+    for path, m in zip(checkpoints, members, strict=True):
+        if m.model_config.members != 1:
+            raise CheckpointError(f"{path} is already an ensemble; give its members instead")
+        if m.data_config.val_size == 0:
+            raise CheckpointError(f"{path} held out no validation images to judge the ensemble")
+        if dataclasses.replace(m.model_config, tta="none") != shape:
+            raise CheckpointError(
+                f"{path} is a different network from {checkpoints[0]}; members must share one"
+            )
+        for key in _SHARED:
+            if m.state.get(key) != first.state.get(key):
+                raise CheckpointError(
+                    f"{path} differs from {checkpoints[0]} in its {key.replace('_', ' ')}"
+                )
+    model_cfg = dataclasses.replace(first.model_config, members=len(members))
+    weights = stack_members([m.state["model"] for m in members])
+    model = build_model(model_cfg)
+    model.load_state_dict(weights)
+    model.eval()
+    config = json.loads(json.dumps(first.state["config"]))
+    config["model"] = dataclasses.asdict(model_cfg)
+    state: dict[str, Any] = {
+        "config": config,
+        "model": weights,
+        "epoch": max(int(m.state["epoch"]) for m in members),
+        **{key: first.state[key] for key in _SHARED if key in first.state},
+        "members": [_member_record(path, m) for path, m in zip(checkpoints, members, strict=True)],
+    }
+    splits = data.load_data(dataclasses.replace(first.data_config, data_dir=str(data_dir)), log=log)
+    val_x, val_y = _split_images(first, splits, "validation")
+    runtime = make_runtime(accel=accel, amp=first.trained_amp, channels_last=True)
+    # Folded, as `load_model` gives it to `evaluate`: the file then scores what it reports.
+    prepared = runtime.prepare_model(folded_copy(model))
+    options: dict[str, Any] = {
+        "mean": first.mean,
+        "std": first.std,
+        "runtime": runtime,
+        "batch_size": batch_size,
+    }
+    val = evaluate(prepared, val_x, val_y, **options)
+    test = evaluate(prepared, splits.test_images, splits.test_labels, **options)
+    state["best"] = {"epoch": state["epoch"], "val_error": 1.0 - val.accuracy}
+    state["test"] = {"accuracy": test.accuracy, "loss": test.loss}
+    save_checkpoint(out, state)
+    log(
+        f"wrote {out}: one model averaging {len(members)} networks, validation error "
+        f"{1.0 - val.accuracy:.2%}, test accuracy {test.accuracy:.2%}"
+    )
+    return state
+
+
+def _member_record(path: Path, member: LoadedModel) -> dict[str, Any]:
+    """What the packed file remembers of a member: where it came from and how it scored."""
+    train = member.state["config"].get("train")
+    seed = train.get("seed") if isinstance(train, dict) else None
+    best, test = member.state.get("best"), member.state.get("test")
+    return {
+        "checkpoint": path.name if path.name != "best.pt" else f"{path.parent.name}/{path.name}",
+        "seed": seed if isinstance(seed, int) else None,
+        "epoch": int(member.state["epoch"]),
+        "val_error": best.get("val_error") if isinstance(best, dict) else None,
+        "test_accuracy": test.get("accuracy") if isinstance(test, dict) else None,
+    }
+
+
 def write_json(result: EnsembleResult, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
@@ -281,6 +374,8 @@ def report(
     cfg.validate()
     if cfg.json is not None:
         writable_file(cfg.json, "--json")
+    if cfg.save is not None:
+        writable_file(cfg.save, "--save")
     # The same data, views and batching for choosing the members and for reporting them.
     options: dict[str, Any] = {
         "data_dir": data_dir,
@@ -297,6 +392,8 @@ def report(
     result = ensemble(checkpoints, split=cfg.split, **options)
     if cfg.json is not None:
         write_json(result, cfg.json)
+    if cfg.save is not None:
+        pack(checkpoints, cfg.save, data_dir=data_dir, batch_size=batch_size, accel=accel, log=log)
     n = len(result.members)
     log(
         f"ensemble of {n} model{'s' if n > 1 else ''}{views} on {result.dataset} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -85,41 +85,53 @@ def given_view(model: nn.Module, out: Tensor) -> Tensor:
     return out[: out.shape[0] // len(net.views)]
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+# `groups`: the networks of an ensemble side by side (`ResNet(members=...)`), each conv seeing
+# only its own network's channels.
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
     # No bias: the BatchNorm that follows every conv has its own shift.
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+    return nn.Conv2d(
+        in_channels, out_channels, 3, stride=stride, padding=1, bias=False, groups=groups
+    )
 
 
-def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False, groups=groups)
 
 
-def _make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+def _make_shortcut(in_channels: int, out_channels: int, stride: int, groups: int) -> nn.Module:
     if in_channels == out_channels and stride == 1:
         return nn.Identity()
     # Projection shortcut (the paper's option B): learnable, and only where the shape changes.
-    return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        conv1x1(in_channels, out_channels, stride, groups), nn.BatchNorm2d(out_channels)
+    )
 
 
 class PlainBlock(nn.Module):
-    """Two 3x3 convs (the paper's "basic" block); ``shortcut=False`` drops the skip entirely."""
+    """Two 3x3 convs (the paper's "basic" block); ``shortcut=False`` drops the skip entirely.
+    With `groups` > 1 it is that many blocks side by side (channel counts are their sums)."""
 
     expansion = 1
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, shortcut: bool = True
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: bool = True,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = conv3x3(in_channels, planes, stride)
+        self.conv1 = conv3x3(in_channels, planes, stride, groups)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, out_channels)
+        self.conv2 = conv3x3(planes, out_channels, groups=groups)
         self.bn2 = nn.BatchNorm2d(out_channels)
         # None rather than a zero branch: a plain net must not even own projection weights,
         # so its parameter count is the residual net's minus the projections.
         self.shortcut: nn.Module | None = (
-            _make_shortcut(in_channels, out_channels, stride) if shortcut else None
+            _make_shortcut(in_channels, out_channels, stride, groups) if shortcut else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,19 +152,24 @@ class BottleneckBlock(nn.Module):
     expansion = 4
 
     def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, shortcut: bool = True
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int = 1,
+        shortcut: bool = True,
+        groups: int = 1,
     ) -> None:
         super().__init__()
         out_channels = planes * self.expansion
-        self.conv1 = conv1x1(in_channels, planes)
+        self.conv1 = conv1x1(in_channels, planes, groups=groups)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes, stride, groups)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = conv1x1(planes, out_channels)
+        self.conv3 = conv1x1(planes, out_channels, groups=groups)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module | None = (
-            _make_shortcut(in_channels, out_channels, stride) if shortcut else None
+            _make_shortcut(in_channels, out_channels, stride, groups) if shortcut else None
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,6 +201,11 @@ class ResNet(nn.Module):
     `stem_pool=True` adds a 2x2 max-pool after the stem for speed recipes (every stage then runs
     on a quarter of the pixels); `stem_stride=2` and `stem_unshuffle=True` (2x2 pixels become 4
     channels before the stem conv) get there without ever building a 28x28 map.
+
+    `members` > 1 makes it that many such networks side by side in one module, an ensemble:
+    every layer holds each member's channels in turn and its convs are grouped so that no
+    member sees another's; the output is the log of the members' mean class probability
+    (`stack_members` fills it from trained networks).
     """
 
     def __init__(
@@ -201,6 +223,7 @@ class ResNet(nn.Module):
         pool_before_norm: bool = False,
         stem_unshuffle: bool = False,
         views: tuple[View, ...] = VIEWS["none"],
+        members: int = 1,
     ) -> None:
         super().__init__()
         # Test-time views (`config.TTA`): averaged in eval mode only.
@@ -208,9 +231,12 @@ class ResNet(nn.Module):
         self.block = block
         self.blocks_per_stage = blocks_per_stage
         self.has_shortcut = shortcut
-        stem_channels = _scaled(STAGE_WIDTHS[0], width)
+        self.members = members
+        self.num_classes = num_classes
+        stem_channels = _scaled(STAGE_WIDTHS[0], width) * members
         self.unshuffle: nn.Module = nn.PixelUnshuffle(2) if stem_unshuffle else nn.Identity()
         stem_inputs = in_channels * 4 if stem_unshuffle else in_channels
+        # Every member's stem reads the whole picture: one ungrouped conv holds them all.
         self.conv1 = conv3x3(stem_inputs, stem_channels, stem_stride)
         self.bn1 = nn.BatchNorm2d(stem_channels)
         self.relu = nn.ReLU(inplace=True)
@@ -219,21 +245,27 @@ class ResNet(nn.Module):
         channels = stem_channels
         stages = []
         for base, stride in zip(STAGE_WIDTHS, STAGE_STRIDES, strict=True):
-            planes = _scaled(base, width)
+            planes = _scaled(base, width) * members
             stages.append(self._make_stage(block, channels, planes, stride, shortcut))
             channels = planes * block.expansion
         # Named like torchvision (layer1..3) so state-dict keys read the same; `stages` groups them.
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        # Each member's own linear head: a grouped 1x1 conv over the pooled features.
+        self.fc: nn.Module = (
+            nn.Linear(channels, num_classes)
+            if members == 1
+            else nn.Conv2d(channels, num_classes * members, 1, groups=members)
+        )
         self._init_weights(zero_init_residual and shortcut)
 
     def _make_stage(
         self, block: Block, in_channels: int, planes: int, stride: int, shortcut: bool
     ) -> nn.Sequential:
-        layers: list[nn.Module] = [block(in_channels, planes, stride, shortcut)]
+        groups = self.members
+        layers: list[nn.Module] = [block(in_channels, planes, stride, shortcut, groups)]
         for _ in range(1, self.blocks_per_stage):
-            layers.append(block(planes * block.expansion, planes, 1, shortcut))
+            layers.append(block(planes * block.expansion, planes, 1, shortcut, groups))
         return nn.Sequential(*layers)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -275,9 +307,12 @@ class ResNet(nn.Module):
         out = self.layer2(out)
         out = self.layer3(out)
         out = self.avgpool(out)
-        out = torch.flatten(out, 1)
-        out = self.fc(out)
-        return out
+        if self.members == 1:
+            logits: Tensor = self.fc(torch.flatten(out, 1))
+            return logits
+        # (N, members, classes) -> log of the mean probability: valid logits of the ensemble.
+        log_p = self.fc(out).flatten(1).float().unflatten(1, (self.members, self.num_classes))
+        return torch.logsumexp(log_p.log_softmax(dim=2), dim=1) - math.log(self.members)
 
 
 class BaselineNet(nn.Module):
@@ -330,6 +365,7 @@ def resnet(
     pool_before_norm: bool = False,
     stem_unshuffle: bool = False,
     tta: str = "none",
+    members: int = 1,
 ) -> ResNet:
     """ResNet of a CIFAR-style depth; raises ConfigError for depths the block cannot reach."""
     n = blocks_per_stage(depth, block)
@@ -346,6 +382,7 @@ def resnet(
         pool_before_norm=pool_before_norm,
         stem_unshuffle=stem_unshuffle,
         views=VIEWS[tta],
+        members=members,
     )
 
 
@@ -396,7 +433,7 @@ def conv_weight_count(cfg: ModelConfig) -> int:
             if i == 0 and (stride != 1 or inputs != planes * expansion):
                 count += inputs * planes * expansion  # projection shortcut
         channels = planes * expansion
-    return count + channels * cfg.num_classes
+    return (count + channels * cfg.num_classes) * cfg.members
 
 
 def _build(cfg: ModelConfig) -> nn.Module:
@@ -415,7 +452,29 @@ def _build(cfg: ModelConfig) -> nn.Module:
         pool_before_norm=cfg.pool_before_norm,
         stem_unshuffle=cfg.stem_unshuffle,
         tta=cfg.tta,
+        members=cfg.members,
     )
+
+
+def stack_members(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The state dict of a ResNet with `members=len(states)` that holds the trained
+    one-member ResNets whose state dicts are `states` (all built from one config), in order."""
+    keys = set(states[0])
+    if any(set(state) != keys for state in states):
+        raise ConfigError("ensemble members must be networks of the same shape")
+    stacked = {}
+    for key in states[0]:
+        parts = [state[key] for state in states]
+        if key.endswith("num_batches_tracked"):
+            # Read only while training, which a packed ensemble never does.
+            stacked[key] = parts[0].clone()
+        elif key == "fc.weight":
+            # Each member's (classes, features) matrix becomes its group of the 1x1 conv.
+            stacked[key] = torch.cat([part[:, :, None, None] for part in parts])
+        else:
+            # Convs, batch norms and biases hold one row per output channel: member after member.
+            stacked[key] = torch.cat(parts)
+    return stacked
 
 
 def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -509,7 +568,8 @@ def describe(cfg: ModelConfig) -> str:
         stem += ", pooled stem (pool, then BN)" if cfg.pool_before_norm else ", pooled stem"
     views = len(VIEWS[cfg.tta])
     tta = f", averages {views} views at test time" if views > 1 else ""
-    return f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem}{tta})"
+    name = f"resnet-{cfg.depth} ({cfg.block} blocks, shortcuts {shortcuts}{width}{stem}{tta})"
+    return name if cfg.members == 1 else f"ensemble of {cfg.members} {name}"
 
 
 def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
@@ -531,7 +591,7 @@ def _rows(cfg: ModelConfig, model: nn.Module) -> list[tuple[str, str, int]]:
         rows.append(("stem pool", _shape(model.conv1.out_channels, size, size), 0))
     for i, (stage, stride) in enumerate(zip(model.stages, STAGE_STRIDES, strict=True), 1):
         size = _downsample(size, stride)
-        channels = _scaled(STAGE_WIDTHS[i - 1], cfg.width) * model.block.expansion
+        channels = _scaled(STAGE_WIDTHS[i - 1], cfg.width) * model.block.expansion * cfg.members
         rows.append((f"layer{i}", _shape(channels, size, size), count_parameters(stage)))
     rows.append(("pool+fc", _shape(cfg.num_classes), count_parameters(model.fc)))
     return rows

@@ -29,7 +29,7 @@ from mnist_resnet.config import (
     from_dict,
     preset,
 )
-from mnist_resnet.files import hash_file, temp_beside
+from mnist_resnet.files import atomic_write_text, hash_file, temp_beside
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,17 @@ def train_recipe(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train `name`'s recipe in `runs_dir`: its teachers first, then the model itself, each in
-    its own run folder; a finished run of the same recipe is kept, a killed one resumed, one of
-    another recipe refused. Returns the model's run folder, ready for `package`."""
+    its own run folder (an ensemble: its members, then the file that averages them); a finished
+    run of the same recipe is kept, a killed one resumed, one of another recipe refused.
+    Returns the model's run folder, ready for `package`."""
     recipe = pretrained._known(name)
     for run, teacher in zip(recipe.teacher_runs, recipe.teachers, strict=True):
         _train_run(teacher, runs_dir / run, (), data_dir, threads, log)
+    for run, member in zip(recipe.member_runs, recipe.members, strict=True):
+        _train_run(member, runs_dir / run, (), data_dir, threads, log)
+    if recipe.members:
+        _pack_run(recipe, runs_dir, runs_dir / name, data_dir, log)
+        return runs_dir / name
     teachers = tuple(str((runs_dir / run / "best.pt").absolute()) for run in recipe.teacher_runs)
     _train_run(recipe, runs_dir / name, teachers, data_dir, threads, log)
     return runs_dir / name
@@ -136,6 +142,45 @@ def _train_run(
         resume=run_dir if killed else None,
         resume_data_dir=data_root if killed else None,
     )
+
+
+def _pack_run(
+    recipe: pretrained.Recipe,
+    runs_dir: Path,
+    run_dir: Path,
+    data_dir: Path | None,
+    log: Callable[[str], None],
+) -> None:
+    """Pack an ensemble recipe's trained members into `run_dir/best.pt`, with a result.json
+    as a training run leaves, unless a finished one of this recipe is there."""
+    from mnist_resnet.checkpoint import load_checkpoint
+    from mnist_resnet.ensemble import pack
+
+    best, result_file = run_dir / "best.pt", run_dir / "result.json"
+    if result_file.is_file():
+        differences = recipe_differences(load_checkpoint(best)["config"], recipe)
+        if differences:
+            raise pretrained.PretrainedError(
+                f"{run_dir} holds another recipe's model ({'; '.join(differences[:3])}); "
+                "delete it, or give another --runs-dir"
+            )
+        log(f"{run_dir}: packed earlier with this recipe, kept")
+        return
+    log(f"{run_dir}: {recipe.command_in(str(runs_dir))}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = pack(
+        [runs_dir / run / "best.pt" for run in recipe.member_runs],
+        best,
+        data_dir=(data_dir or Path(default_data_dir())).expanduser(),
+        log=log,
+    )
+    result = {
+        "members": len(recipe.members),
+        "best_val_error": state["best"]["val_error"],
+        "test_accuracy": state["test"]["accuracy"],
+        "test_loss": state["test"]["loss"],
+    }
+    atomic_write_text(result_file, json.dumps(result, indent=2) + "\n")
 
 
 def package(
@@ -188,15 +233,17 @@ def package(
         "name": name,
         "dataset": recipe.dataset,
         "classes": list(state.get("class_names", [])),
-        "recipe": f"{recipe.preset} preset{' ' + recipe.flags if recipe.flags else ''}, "
-        f"seed {recipe.seed}",
+        "recipe": recipe.summary,
         # The preset's own words, and what this model's recipe changed in it.
-        "description": preset(recipe.preset).description
+        "description": (f"{len(recipe.members)} networks averaged, each " if recipe.members else "")
+        + preset(recipe.preset).description
         + (f"; here with {recipe.flags}" if recipe.flags else ""),
         "command": recipe.command,
         "remake": "make pretrained",
         "trained": trained.date().isoformat(),
         "best_epoch": state.get("epoch"),
+        # An ensemble's members: each run's seed, selected epoch and scores on its own.
+        **({"members": state["members"]} if isinstance(state.get("members"), list) else {}),
         # As the run measured it once, in the precision it trained in (`evaluate` repeats it).
         "test_accuracy": float(state["test"]["accuracy"]),
         "test_loss": float(state["test"]["loss"]),
@@ -293,6 +340,17 @@ def model_card(
     calibration = meta.get("calibration") or {}
     val_error = meta.get("validation_error")
     chosen = f" ({val_error:.2%})" if isinstance(val_error, float) else ""
+    selection = (
+        f"the epoch with the lowest validation error, epoch {meta.get('best_epoch')}{chosen}"
+    )
+    members = meta.get("members")
+    if isinstance(members, list) and members:
+        epochs = ", ".join(str(m.get("epoch") if isinstance(m, dict) else "?") for m in members)
+        selection = (
+            f"each of the {len(members)} runs at its epoch with the lowest validation error "
+            f"(epochs {epochs}); their average's validation error{chosen}"
+            + (f"; {recipe.chosen}" if recipe.chosen else "")
+        )
     return {
         "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters",
         "data": f"{meta.get('dataset')}: {meta.get('training_images', 0):,} training images, "
@@ -300,8 +358,7 @@ def model_card(
         f"{meta.get('test_images', 0):,} test images",
         "recipe": meta.get("recipe"),
         "command": meta.get("command"),
-        "selection": f"the epoch with the lowest validation error, epoch {meta.get('best_epoch')}"
-        f"{chosen}; the test set was read once, after the selection",
+        "selection": f"{selection}; the test set was read once, after the selection",
         "test_accuracy": meta.get("fp32_cpu_test_accuracy"),
         # Every field the calibration stores (docs/calibration.md): how, on what, how much better.
         "calibration": dict(calibration),

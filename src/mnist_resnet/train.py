@@ -801,6 +801,14 @@ def train(
         )
 
 
+def _one_network(model_cfg: ModelConfig) -> None:
+    if model_cfg.members != 1:
+        raise ConfigError(
+            f"that model is an ensemble of {model_cfg.members} trained networks, packed by "
+            "`mnist-resnet ensemble --save`: train its members one by one instead"
+        )
+
+
 def _train(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -811,6 +819,7 @@ def _train(
     resume: Path | None,
     resume_data_dir: str | None,
 ) -> TrainResult:
+    _one_network(model_cfg)  # before a run folder is made
     resume_state = None
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
@@ -834,6 +843,7 @@ def _train(
         run_dir = distributed.main_only(lambda: new_run_dir(preset, train_cfg, data_cfg))
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
+    _one_network(model_cfg)
     check_size(model_cfg)  # before any data is fetched or memory allocated
     trainer = _Trainer(
         model_cfg,

@@ -84,13 +84,42 @@ class Recipe:
     # Knowledge distillation (distill.py): recipes of the runs this one learns from, trained
     # first, each in `<runs>/<dataset>-teacher-s<seed>/` (`teacher_runs`).
     teachers: tuple[Recipe, ...] = ()
+    # An ensemble: recipes of the runs the shipped model averages, each trained in
+    # `<runs>/<dataset>-member-s<seed>/` (`member_runs`), then packed into one model file by
+    # `mnist-resnet ensemble --save` (model.stack_members). `seed` is then the first member's.
+    members: tuple[Recipe, ...] = ()
+    # How the seeds were chosen, for the model card (a recipe of one run: nothing to say).
+    chosen: str = ""
 
     @property
     def teacher_runs(self) -> list[str]:
         return [f"{t.dataset}-teacher-s{t.seed}" for t in self.teachers]
 
+    @property
+    def member_runs(self) -> list[str]:
+        return [f"{m.dataset}-member-s{m.seed}" for m in self.members]
+
+    @property
+    def summary(self) -> str:
+        """The recipe in a few words, e.g. `best preset --epochs 8, seed 1`."""
+        flags = f" {self.flags}" if self.flags else ""
+        if not self.members:
+            return f"{self.preset} preset{flags}, seed {self.seed}"
+        seeds = ", ".join(str(m.seed) for m in self.members)
+        runs = len(self.members)
+        return f"average of {runs} runs of the {self.preset} preset{flags}, seeds {seeds}"
+
     def command_in(self, runs_dir: str) -> str:
-        """The train command of this recipe, its teachers' runs read from `runs_dir`."""
+        """The command that makes this recipe's model file, its teachers' or members' runs
+        read from `runs_dir`: a train command, or for an ensemble the one that packs it."""
+        if self.members:
+            return " ".join(
+                (
+                    "mnist-resnet ensemble",
+                    *(f"{runs_dir}/{run}/best.pt" for run in self.member_runs),
+                    f"--split validation --save {runs_dir}/{self.dataset}/best.pt",
+                )
+            )
         return " ".join(
             part
             for part in (
@@ -110,8 +139,8 @@ class Recipe:
 
     @property
     def commands(self) -> list[str]:
-        """Every train command that makes this model, teachers first."""
-        return [t.command for t in self.teachers] + [self.command]
+        """Every command that makes this model: teachers or members first."""
+        return [r.command for r in (*self.teachers, *self.members)] + [self.command]
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """The model, train and data configs this recipe trains with, as dicts."""
@@ -125,7 +154,15 @@ class Recipe:
         }
         for part, key, value in self.overrides:
             configs[part][key] = value
+        if self.members:
+            configs["model"]["members"] = len(self.members)
         return configs
+
+
+def ensemble_of(base: Recipe, seeds: tuple[int, ...], chosen: str = "") -> Recipe:
+    """The recipe of a model that averages runs of `base` trained with `seeds`."""
+    members = tuple(dataclasses.replace(base, seed=seed, use="", limits=()) for seed in seeds)
+    return dataclasses.replace(base, seed=seeds[0], members=members, chosen=chosen)
 
 
 RECIPES = {
