@@ -7,8 +7,9 @@
 As torchvision's entries do, `mnist` and `fashion_mnist` return the `nn.Module` in eval mode
 (batch norms kept, so it can be fine-tuned): it takes float32 (N, 1, 28, 28) images, white on
 black, scaled as `(x / 255 - mean) / std` with the model's own constants (0.1307, 0.3081 for
-MNIST) and returns logits. `classifier` returns `mnist_resnet.Classifier`, which prepares any
-picture and answers with calibrated probabilities.
+MNIST) and returns logits (for a model of several networks, the log of their mean
+probability). `classifier` returns `mnist_resnet.Classifier`, which prepares any picture and
+answers with calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _shipped(name: str, pretrained: bool) -> nn.Module:
 
 
 def mnist(pretrained: bool = True) -> nn.Module:
-    """The shipped MNIST ResNet-14 (docs/models.md#mnist); untrained with `pretrained=False`."""
+    """The shipped MNIST model, three ResNet-14s averaged in one module (docs/models.md#mnist);
+    untrained with `pretrained=False`."""
     return _shipped("mnist", pretrained)
 
 

@@ -198,7 +198,7 @@ def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: st
     path = pretrained.weights_path(name)
     meta = pretrained.metadata(name)
     assert meta["sha256"] == pretrained.SHA256[name] and meta["bytes"] == path.stat().st_size
-    assert path.stat().st_size < 1_000_000
+    assert path.stat().st_size <= pretrained.MAX_BYTES
     loaded = load_model(path)
     recipe = pretrained.RECIPES[name]
     assert loaded.data_config.dataset == meta["dataset"] == recipe.dataset

@@ -260,6 +260,11 @@ def package(
         # The calibration and detector travel in the file too: it is self-contained.
         shipped.update(calibration=fitted.calibration.as_dict(), ood=fitted.detector.as_dict())
         save_checkpoint(staged, shipped, safetensors=True)
+        if staged.stat().st_size > pretrained.MAX_BYTES:
+            raise pretrained.PretrainedError(
+                f"{name} would be {staged.stat().st_size:,} bytes, over the "
+                f"{pretrained.MAX_BYTES:,} a shipped model may weigh"
+            )
         record = finish_record(staged, out.name, record, recipe)
         staged_meta.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         os.replace(staged, out)
