@@ -49,8 +49,9 @@ accuracy: $(VENV)/.installed
 	$(BIN)/python benchmarks/accuracy.py $(ARGS)
 
 # The models shipped in the package (src/mnist_resnet/pretrained/): each recipe of
-# mnist_resnet.pretrained.RECIPES trained anew (its teachers first, where it has any; data
-# through the usual chain or DATA_DIR), then packaged and measured. A finished run of the same
+# mnist_resnet.pretrained.RECIPES trained anew (its teachers first, where it has any; for a
+# model that averages several runs, each run, then the file that packs them; data through the
+# usual chain or DATA_DIR), then packaged and measured. A finished run of the same
 # recipe in PRETRAINED_RUNS is kept and a killed one resumed, so an interrupted `make pretrained`
 # continues where it stopped; delete the folder to start over. Pin the printed SHA-256s in
 # src/mnist_resnet/pretrained/__init__.py: the tests fail until file, pin and metadata agree.
