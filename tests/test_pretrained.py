@@ -405,9 +405,18 @@ def test_an_ensemble_recipe_trains_its_members_then_packs_their_average(
     lines.clear()
     packaging.train_recipe("shapes", tmp_path, log=lines.append)
     assert len(lines) == 3 and all("kept" in line for line in lines)
+    # A member retrained since (here: its file rewritten) makes the average be packed again.
+    state2 = load_checkpoint(tmp_path / recipe.member_runs[1] / "best.pt")
+    state2["epoch"] = 2
+    save_checkpoint(tmp_path / recipe.member_runs[1] / "best.pt", state2)
+    lines.clear()
+    packaging.train_recipe("shapes", tmp_path, log=lines.append)
+    assert "packing again" in lines[2]
+    state = load_checkpoint(run_dir / "best.pt")
+    assert [m["epoch"] for m in state["members"]] == [1, 2]
     # Its model card says how the members were chosen, each at its own epoch.
     meta = {"members": state["members"], "best_epoch": state["epoch"], "validation_error": 0.25}
     selection = packaging.model_card(meta, recipe, {})["selection"]
     assert selection.startswith("each of the 2 runs at its epoch with the lowest validation")
-    assert "(epochs 1, 1)" in selection and "(25.00%); the only seeds tried;" in selection
+    assert "(epochs 1, 2)" in selection and "(25.00%); the only seeds tried;" in selection
     assert recipe.summary == f"average of 2 runs of the resnet14 preset {base.flags}, seeds 1, 2"

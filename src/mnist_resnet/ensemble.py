@@ -23,7 +23,7 @@ from mnist_resnet import data
 from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model, save_checkpoint
 from mnist_resnet.config import ConfigError, EnsembleConfig, TrainConfig
 from mnist_resnet.evaluate import evaluate
-from mnist_resnet.files import writable_file
+from mnist_resnet.files import hash_file, writable_file
 from mnist_resnet.inference import predict_logits
 from mnist_resnet.model import VIEWS, build_model, folded_copy, stack_members
 from mnist_resnet.precision import make_runtime
@@ -348,6 +348,8 @@ def _member_record(path: Path, member: LoadedModel) -> dict[str, Any]:
     best, test = member.state.get("best"), member.state.get("test")
     return {
         "checkpoint": path.name if path.name != "best.pt" else f"{path.parent.name}/{path.name}",
+        # Which file it was: a member retrained since is no longer this one.
+        "sha256": hash_file(path),
         "seed": seed if isinstance(seed, int) else None,
         "epoch": int(member.state["epoch"]),
         "val_error": best.get("val_error") if isinstance(best, dict) else None,

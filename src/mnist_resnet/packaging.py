@@ -157,19 +157,24 @@ def _pack_run(
     from mnist_resnet.ensemble import pack
 
     best, result_file = run_dir / "best.pt", run_dir / "result.json"
+    members = [runs_dir / run / "best.pt" for run in recipe.member_runs]
     if result_file.is_file():
-        differences = recipe_differences(load_checkpoint(best)["config"], recipe)
+        packed = load_checkpoint(best)
+        differences = recipe_differences(packed["config"], recipe)
         if differences:
             raise pretrained.PretrainedError(
                 f"{run_dir} holds another recipe's model ({'; '.join(differences[:3])}); "
                 "delete it, or give another --runs-dir"
             )
-        log(f"{run_dir}: packed earlier with this recipe, kept")
-        return
+        recorded = [m.get("sha256") for m in packed.get("members", []) if isinstance(m, dict)]
+        if recorded == [hash_file(path) for path in members]:
+            log(f"{run_dir}: packed earlier from these runs, kept")
+            return
+        log(f"{run_dir}: a member run changed since it was packed: packing again")
     log(f"{run_dir}: {recipe.command_in(str(runs_dir))}")
     run_dir.mkdir(parents=True, exist_ok=True)
     state = pack(
-        [runs_dir / run / "best.pt" for run in recipe.member_runs],
+        members,
         best,
         data_dir=(data_dir or Path(default_data_dir())).expanduser(),
         log=log,
