@@ -275,8 +275,8 @@ class ModelConfig(Settings):
     shortcut: bool = setting(
         True, "remove the skip connections (plain net)", negative="--no-shortcut"
     )
-    # Zero-init of each block's last BN gamma makes every block start as identity (Goyal et al.
-    # 2017). Off by default: in our short schedules it stalls learning (docs/results.md).
+    # Zero-init of each block's last BN gamma makes every block start as identity (Goyal et
+    # al.). Off by default: in our short schedules it stalls learning (docs/results.md).
     zero_init_residual: bool = False
     in_channels: int = setting(1, low=1, high=4)
     num_classes: int = setting(10, low=2, high=MAX_CLASSES)
