@@ -43,8 +43,8 @@ def _shipped(name: str, pretrained: bool) -> nn.Module:
 
 
 def mnist(pretrained: bool = True) -> nn.Module:
-    """The shipped MNIST model, three ResNet-14s averaged in one module (docs/models.md#mnist);
-    untrained with `pretrained=False`."""
+    """The shipped MNIST model, a width-2 ResNet-14 (docs/models.md#mnist; float32 parameters,
+    from the float16 file); untrained with `pretrained=False`."""
     return _shipped("mnist", pretrained)
 
 

@@ -144,6 +144,8 @@ def test_torch_hub_entries(clf: Classifier) -> None:
     assert pretrained.NAMES == ("mnist", "fashion-mnist")
     net = torch.hub.load(str(REPO), "mnist", source="local")
     assert isinstance(net, torch.nn.Module) and not net.training
+    # float32 parameters, as a PyTorch user expects, whatever dtype the file stores.
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
     x = torch.from_numpy(clf.prepare(drawn_seven())).float()[None, None]
     x = (x / 255 - clf.loaded.mean) / clf.loaded.std
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 from datafakes import SHAPES, ShapesRun, shape_image
 
 from mnist_resnet import data, packaging, pretrained
-from mnist_resnet.checkpoint import load_checkpoint, load_model, save_checkpoint
+from mnist_resnet.checkpoint import INFERENCE_KEYS, load_checkpoint, load_model, save_checkpoint
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
 from mnist_resnet.files import hash_file
@@ -89,6 +89,34 @@ def test_packaging_keeps_what_inference_needs_and_records_the_recipe(
     assert card["calibration"]["temperature"] == meta["calibration"]["temperature"]
     assert card["speed"]["prepared_28x28_ms"] > 0 and card["speed"]["threads"] == 1
     assert "lowest validation error" in card["selection"]
+
+
+def test_float16_storage_halves_the_weights_and_loads_as_float32(
+    shapes_run: ShapesRun, tmp_path: Path
+) -> None:
+    state = load_checkpoint(shapes_run.checkpoint)
+    half = packaging.stored_weights(state["model"], "float16")
+    for key, tensor in state["model"].items():
+        want = torch.float16 if tensor.is_floating_point() else tensor.dtype
+        assert half[key].dtype == want and half[key].shape == tensor.shape
+    kept = {key: state[key] for key in INFERENCE_KEYS if key in state}
+    full, small = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_checkpoint(full, kept)
+    save_checkpoint(small, {**kept, "model": half})
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    original, loaded = load_model(full), load_model(small)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        want, got = original.model(x), loaded.model(x)
+    # Rounding each weight to float16 moves it by at most 1/2048 of itself: the logits move
+    # by a small part of their spread, far from what changes an answer of this model.
+    assert float((got - want).abs().max()) <= 0.01 * float(want.std()) + 1e-4
+    assert packaging.stored_weights(state["model"], "float32") == state["model"]
+    with pytest.raises(pretrained.PretrainedError, match="beyond float16's range"):
+        packaging.stored_weights({"conv.weight": torch.tensor([1.0, 1e6])}, "float16")
+    with pytest.raises(pretrained.PretrainedError, match="unknown weight storage 'int8'"):
+        packaging.stored_weights({}, "int8")
 
 
 def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path: Path) -> None:
@@ -201,6 +229,11 @@ def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: st
     assert path.stat().st_size <= pretrained.MAX_BYTES
     loaded = load_model(path)
     recipe = pretrained.RECIPES[name]
+    # Stored as its recipe says (float16 halves a file), and computed in float32 all the same.
+    stored = {t.dtype for t in loaded.state["model"].values() if t.is_floating_point()}
+    assert stored == {getattr(torch, recipe.storage)}
+    assert meta.get("weights_stored_as", "float32") == recipe.storage
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert loaded.data_config.dataset == meta["dataset"] == recipe.dataset
     assert list(loaded.class_names) == meta["classes"]
     assert not packaging.recipe_differences(loaded.state["config"], recipe)
@@ -269,7 +302,7 @@ def test_no_pickle_ships_and_each_file_is_small() -> None:
         f"{n}{suffix}" for n in sorted(pretrained.SHA256) for suffix in (".json", ".safetensors")
     ]
     assert files == sorted(names), "only .safetensors and their .json ship"
-    assert all((pretrained.FOLDER / f).stat().st_size <= 10_000_000 for f in files)
+    assert all((pretrained.FOLDER / f).stat().st_size <= pretrained.MAX_BYTES for f in files)
 
 
 @pytest.mark.parametrize("name", pretrained.NAMES)

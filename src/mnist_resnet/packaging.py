@@ -224,6 +224,7 @@ def package(
             f"{best} holds no test result: not the final best.pt of a run"
         )
     shipped = {key: state[key] for key in INFERENCE_KEYS if key in state}
+    shipped["model"] = stored_weights(state["model"], recipe.storage)
     config = json.loads(json.dumps(state["config"]))
     # This machine's paths mean nothing elsewhere: the ones `make pretrained` uses instead.
     config["data"]["data_dir"] = "data"
@@ -247,6 +248,7 @@ def package(
         "remake": "make pretrained",
         "trained": trained.date().isoformat(),
         "best_epoch": state.get("epoch"),
+        "weights_stored_as": recipe.storage,
         # An ensemble's members: each run's seed, selected epoch and scores on its own.
         **({"members": state["members"]} if isinstance(state.get("members"), list) else {}),
         # As the run measured it once, in the precision it trained in (`evaluate` repeats it).
@@ -276,6 +278,30 @@ def package(
         os.replace(staged_meta, meta_file)
     sha, size = record["sha256"], record["bytes"]
     return Packaged(out, sha, size, record)
+
+
+def stored_weights(weights: dict[str, Any], storage: str) -> dict[str, Any]:
+    """`weights` as a shipped file stores them (`pretrained.STORAGE`): float16 rounds each
+    floating tensor, refused where a value would not fit it (beyond about 65,504)."""
+    import torch
+
+    if storage not in pretrained.STORAGE:
+        raise pretrained.PretrainedError(
+            f"unknown weight storage {storage!r}; choose {', '.join(pretrained.STORAGE)}"
+        )
+    if storage == "float32":
+        return dict(weights)
+    stored = {}
+    for key, tensor in weights.items():
+        if tensor.is_floating_point():
+            half = tensor.to(torch.float16)
+            if not torch.isfinite(half).all():
+                raise pretrained.PretrainedError(
+                    f"{key} holds values beyond float16's range: keep this model in float32"
+                )
+            tensor = half
+        stored[key] = tensor
+    return stored
 
 
 def finish_record(
@@ -352,6 +378,7 @@ def model_card(
     chosen = f" ({val_error:.2%})" if isinstance(val_error, float) else ""
     selection = (
         f"the epoch with the lowest validation error, epoch {meta.get('best_epoch')}{chosen}"
+        + (f"; {recipe.chosen}" if recipe.chosen else "")
     )
     members = meta.get("members")
     if isinstance(members, list) and members:
@@ -362,7 +389,12 @@ def model_card(
             + (f"; {recipe.chosen}" if recipe.chosen else "")
         )
     return {
-        "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters",
+        "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters"
+        + (
+            f", stored as {meta['weights_stored_as']} (computed in float32 or bf16)"
+            if meta.get("weights_stored_as", "float32") != "float32"
+            else ""
+        ),
         "data": f"{meta.get('dataset')}: {meta.get('training_images', 0):,} training images, "
         f"{meta.get('validation_images', 0):,} held out for validation, "
         f"{meta.get('test_images', 0):,} test images",
