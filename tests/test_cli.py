@@ -118,6 +118,7 @@ def test_train_says_its_precision_first_and_evaluate_reproduces_its_accuracy(
 ) -> None:
     argv = ["train", "--data-dir", str(mnist_root), "--runs-dir", str(tmp_path), "--name", "r"]
     argv += ["--depth", "8", "--width", "0.5", "--epochs", "1", "--subset", "0.02", "--no-accel"]
+    argv += ["--tta", "none"]  # the default five views of 10,000 test images cost more than this
     assert main(argv if flag is None else [*argv, flag]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("precision: ")
@@ -182,8 +183,8 @@ def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
     monkeypatch.setattr(data, "prepare_data", prepare)
     monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
     run = tmp_path / "runs" / "r"
-    argv = ["train", "--depth", "8", "--epochs", "1", "--subset", "0.02", "--no-amp"]
-    argv += ["--checkpoint-steps", "4", "--runs-dir", str(run.parent), "--name", "r"]
+    argv = ["train", "--depth", "8", "--epochs", "1", "--subset", "0.02", "--no-amp", "--tta"]
+    argv += ["none", "--checkpoint-steps", "4", "--runs-dir", str(run.parent), "--name", "r"]
     monkeypatch.chdir(mnist_root.parent)
     with pytest.raises(_Killed):
         main([*argv, "--data-dir", mnist_root.name])

@@ -393,13 +393,22 @@ def test_pretrained_train_command_trains_the_named_recipe(
 
     def fake_train_recipe(name: str, runs_dir: Path, *, data_dir: Path, threads: int) -> Path:
         calls.append((name, runs_dir, data_dir, threads))
+        (runs_dir / name).mkdir(parents=True)
+        (runs_dir / name / "result.json").write_text('{"test_accuracy": 0.99771}')
         return runs_dir / name
 
     monkeypatch.setattr(packaging, "train_recipe", fake_train_recipe)
     argv = ["pretrained", "train", "mnist", "--runs-dir", str(tmp_path / "r"), "--threads", "1"]
     assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
     assert calls == [("mnist", tmp_path / "r", tmp_path / "d", 1)]
-    assert capsys.readouterr().out.strip() == f"run directory: {tmp_path / 'r' / 'mnist'}"
+    # It ends as every command that measures a model does: with the model's test accuracy.
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"run directory: {tmp_path / 'r' / 'mnist'}",
+        "test accuracy: 99.77%",
+    ]
+    for damaged in ('{"test_accuracy": "high"}', "{not json", '{"test_accuracy": true}'):
+        (tmp_path / "r" / "mnist" / "result.json").write_text(damaged)
+        assert packaging.recorded_test_accuracy(tmp_path / "r" / "mnist") is None
     with pytest.raises(SystemExit):
         main(["pretrained", "train", "no-such-model"])
 

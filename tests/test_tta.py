@@ -158,15 +158,18 @@ def test_evaluate_and_onnx_run_the_views_the_checkpoint_names(
             model, images, mean=loaded.mean, std=loaded.std, runtime=runtime
         ).softmax(1)
 
+    some = test.test_images[:1000]
     averaged = torch.stack(
-        [
-            probabilities(plain.model, _shifted(test.test_images, dy, dx))
-            for dy, dx, _ in VIEWS["shift"]
-        ]
+        [probabilities(plain.model, _shifted(some, dy, dx)) for dy, dx, _ in VIEWS["shift"]]
     ).mean(0)
     # Background is 0 in these images: the edge repeated in is what a zero fill would give.
-    assert torch.allclose(probabilities(loaded.model, test.test_images), averaged, atol=1e-5)
-    accuracy = (averaged.argmax(1) == test.test_labels).float().mean().item()
+    assert torch.allclose(probabilities(loaded.model, some), averaged, atol=1e-5)
+    accuracy = (
+        (probabilities(loaded.model, test.test_images).argmax(1) == test.test_labels)
+        .float()
+        .mean()
+        .item()
+    )
 
     assert main(["evaluate", str(tta_checkpoint), "--data-dir", str(mnist_root)]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

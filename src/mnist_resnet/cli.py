@@ -386,6 +386,9 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
             args.name, args.runs_dir, data_dir=_data_dir(args), threads=_train_flags(args).threads
         )
         print(f"run directory: {run_dir}")
+        accuracy = packaging.recorded_test_accuracy(run_dir)
+        if accuracy is not None:
+            print(f"test accuracy: {accuracy:.2%}")
         return 0
     if args.action != "package":
         print("\n".join(pretrained.catalogue()))

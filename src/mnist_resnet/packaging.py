@@ -99,6 +99,16 @@ def train_recipe(
     return runs_dir / name
 
 
+def recorded_test_accuracy(run_dir: Path) -> float | None:
+    """The test accuracy a finished run (or packed average) recorded in its result.json; None
+    where there is no readable figure."""
+    try:
+        value = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))["test_accuracy"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _train_run(
     recipe: pretrained.Recipe,
     run_dir: Path,
