@@ -197,6 +197,7 @@ def test_unavailable_message_lists_every_source(tmp_path: Path, tiny: Tiny) -> N
             log=quiet,
         )
     message = str(err.value)
+    assert "\n" not in message  # the CLI shows a user error as one line, escaping newlines
     raw = tmp_path / "root" / "Tiny" / "raw"
     assert f"cache {raw}: " in message
     assert f"system copy {empty_system}: " in message

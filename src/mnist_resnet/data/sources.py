@@ -350,14 +350,13 @@ def fetch(
 
 
 def _unavailable_message(chain: _Chain, download: bool) -> str:
+    """One line (the CLI shows a user error as one): what is missing, each source tried and
+    why it failed, and where to put the files by hand."""
     names = [fs.name for fs in chain.spec.files]
-    lines = [f"could not obtain {chain.spec.name}: {', '.join(f.name for f in chain.missing())}"]
-    lines.append("tried:")
-    lines += [f"  {src}: {'; '.join(why)}" for src, why in chain.failures.items()]
-    if not download:
-        lines.append("  (downloads were not allowed)")
-    lines.append(
-        f"to place the files by hand, copy {', '.join(n + '.gz' for n in names)} "
-        f"(or their decompressed forms) into {chain.raw}/ and run again"
+    tried = "; ".join(f"{src}: {', '.join(why)}" for src, why in chain.failures.items())
+    return (
+        f"could not obtain {chain.spec.name} ({', '.join(f.name for f in chain.missing())}); "
+        f"tried {tried}{' (downloads were not allowed)' if not download else ''}; to place the "
+        f"files by hand, copy {', '.join(n + '.gz' for n in names)} (or their decompressed "
+        f"forms) into {chain.raw}/ and run again"
     )
-    return "\n".join(lines)
