@@ -106,7 +106,8 @@ def test_explain_answers_what_predict_does_and_maps_that_add_up_to_the_logits(
     # /predict's answer, field for field, and more.
     predicted = client.post("/predict", files=upload).json()["predictions"][0]
     assert {k: best[k] for k in predicted} == predicted
-    assert best["prediction"] == str(labels[0]) and best["steps"] == explain.LIVE_STEPS
+    loaded = load_model(small_checkpoint)
+    assert best["prediction"] == str(labels[0]) and best["steps"] == explain.live_steps(loaded)
     image = np.array(best["image"])
     assert image.shape == (28, 28) and image.min() >= 0 and image.max() == 255
     answer, runner_up = best["attributions"]
@@ -114,8 +115,7 @@ def test_explain_answers_what_predict_does_and_maps_that_add_up_to_the_logits(
     assert answer["class"] == best["prediction"]
 
     # The same function as `mnist-resnet explain`, at the page's step count.
-    loaded = load_model(small_checkpoint)
-    alone = explain.explain(loaded, image.astype(np.uint8), steps=explain.LIVE_STEPS)[0]
+    alone = explain.explain(loaded, image.astype(np.uint8), steps=best["steps"])[0]
     maps = np.array([answer["attribution"], runner_up["attribution"]])
     np.testing.assert_allclose(maps, alone.attributions.numpy(), atol=1e-4)
 

@@ -32,13 +32,19 @@ from mnist_resnet.config import ExplainConfig
 from mnist_resnet.errors import printable
 from mnist_resnet.files import writable_folder
 from mnist_resnet.images import ImageError, load_image, prepare_image, to_float
+from mnist_resnet.model import flops_per_image
 from mnist_resnet.predict import checkpoint_and_images, expand_inputs
 from mnist_resnet.pretrained import choose
 
-# Integration steps: `explain`'s (config.py says why 64); the draw page redraws as the user
-# draws, where 32 keep an update of the shipped model inside its time budget on one core.
+# Integration steps: `explain`'s (config.py says why 64). The draw page redraws as the user
+# draws: 32 steps of the width-1 ResNet-14 (40.4 M FLOPs an image, 1.3 G for the 32) kept an
+# update inside the page's 150 ms on one core. A costlier network gets proportionally fewer
+# steps, never under 16, below which the maps drift from the converged ones
+# (docs/serving.md#what-the-network-looks-at).
 STEPS = ExplainConfig.steps
 LIVE_STEPS = 32
+MIN_LIVE_STEPS = 16
+LIVE_FLOPS = 1_300_000_000
 # Feature maps shown per stage: the channels with the largest mean activation.
 MAPS_PER_STAGE = 4
 # Where each stage's output is read, by module name: the ResNet's stem (after its ReLU and
@@ -52,6 +58,14 @@ RESNET_TAPS = (
 BASELINE_TAPS = (("conv 1", "conv1"), ("conv 2", "conv2"))
 # Points on the deletion curve: 0, 1/16, ..., all of the image's ink removed.
 DELETION_POINTS = 17
+
+
+def live_steps(loaded: LoadedModel) -> int:
+    """Integration steps for the draw page's live explanations of `loaded`'s network: as many
+    as `LIVE_FLOPS` of forward passes allow, between `MIN_LIVE_STEPS` and `LIVE_STEPS`."""
+    views = len(getattr(loaded.model, "views", ())) or 1
+    cost = max(1, flops_per_image(loaded.model, loaded.model_config.in_channels) * views)
+    return max(MIN_LIVE_STEPS, min(LIVE_STEPS, LIVE_FLOPS // cost))
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from mnist_resnet.predict import Ranked
 
 MAX_BATCH = 64
 
-# Images per /explain request: each costs ~90 ms of a core (integrated gradients of two classes
-# at explain.LIVE_STEPS for the shipped model; docs/serving.md), where /predict's model takes
-# well under 1 ms an image: 8 keep a request under a second of CPU.
+# Images per /explain request: each costs about 0.1 s of a core (integrated gradients of two
+# classes at explain.live_steps for the shipped models; docs/serving.md), where /predict's model
+# takes a few ms an image: 8 keep a request near a second of CPU.
 MAX_EXPLAIN = 8
 
 TOP_K = 3

@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 
 from mnist_resnet.checkpoint import LoadedModel, load_model
 from mnist_resnet.config import ServeConfig
-from mnist_resnet.explain import LIVE_STEPS, Explanation, explain
+from mnist_resnet.explain import Explanation, explain, live_steps
 from mnist_resnet.inference import Scorer, onnx_scorer, torch_scorer
 from mnist_resnet.runtime import Runtime, available_cpus
 
@@ -51,7 +51,8 @@ PASS_BATCH = 16
 
 class Explainer:
     """Integrated gradients for /explain (`explain.explain`, the function of `mnist-resnet
-    explain`, at `explain.LIVE_STEPS`), one request at a time on a thread of its own.
+    explain`, at `explain.live_steps` of the model), one request at a time on a thread of its
+    own.
 
     It runs its own copy of the network: the detector's hooks on the one that answers batches
     (and the stage taps `explain` sets) would otherwise see each other's forward passes. Images
@@ -59,13 +60,13 @@ class Explainer:
     """
 
     def __init__(
-        self, checkpoint: Path, steps: int = LIVE_STEPS, batch: int | None = PASS_BATCH
+        self, checkpoint: Path, steps: int | None = None, batch: int | None = PASS_BATCH
     ) -> None:
         self.loaded = load_model(checkpoint)
         # NHWC: an explanation of the shipped model took 23-26% less time than in the layout it
         # loads in, with maps equal to 5e-8 (docs/serving.md#what-the-network-looks-at).
         Runtime(torch.device("cpu"), None, channels_last=True).prepare_model(self.loaded.model)
-        self.steps = steps
+        self.steps = steps or live_steps(self.loaded)
         self.batch = batch
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="explain")
 
