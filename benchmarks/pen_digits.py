@@ -397,6 +397,8 @@ def score(pages: list[Page], answers: dict[str, dict[str, Any]]) -> dict[str, An
     """Share right per stroke width, kind, paper, size and format; blanks counted apart."""
     groups: dict[str, list[bool]] = defaultdict(list)
     blank_answers: dict[str, int] = defaultdict(int)
+    # Digits the detector calls "not a digit" (the answer is still given): per page kind.
+    flagged: dict[str, list[bool]] = defaultdict(list)
     for p in pages:
         answer = answers[p.file]
         said_blank = "error" in answer and "blank" in answer["error"]
@@ -404,6 +406,7 @@ def score(pages: list[Page], answers: dict[str, dict[str, Any]]) -> dict[str, An
             right = said_blank
         else:
             right = answer.get("prediction") == p.label
+            flagged[f"kind {p.kind}"].append(answer.get("verdict") == "out_of_distribution")
             if said_blank:
                 blank_answers[f"width {p.width}"] += 1
         size = "300-799" if p.size < 800 else "800-1399" if p.size < 1400 else "1400-2000"
@@ -416,6 +419,7 @@ def score(pages: list[Page], answers: dict[str, dict[str, Any]]) -> dict[str, An
     return {
         "right": {k: [sum(v), len(v)] for k, v in sorted(groups.items())},
         "digits answered blank": dict(blank_answers),
+        "digits flagged out_of_distribution": {k: [sum(v), len(v)] for k, v in flagged.items()},
     }
 
 
@@ -481,6 +485,8 @@ def _score(args: argparse.Namespace, pages: list[Page]) -> int:
     for key, (right, n) in result["right"].items():
         print(f"{key:>22}: {right:4d} / {n:4d} = {right / n:7.2%}")
     print(f"digits answered blank: {result['digits answered blank'] or 'none'}")
+    for key, (n_flagged, n) in result["digits flagged out_of_distribution"].items():
+        print(f"flagged not a digit, {key}: {n_flagged} of {n}")
     if args.results:
         args.results.write_text(json.dumps(result, indent=1) + "\n")
     return 0
