@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# 15 equal-width confidence bins, as in Guo et al. 2017 and most papers since.
+# 15 equal-width confidence bins, as in Guo et al. and most papers since.
 ECE_BINS = 15
 # The fitted temperature must lie in this range; outside it the search failed or the logits
 # carry no information, and a stored value outside it marks a damaged file.

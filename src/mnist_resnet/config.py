@@ -117,7 +117,7 @@ class DataConfig(Settings):
     erase: int = setting(
         0, "Cutout: side of one blanked square per image, pixels (0: off)", low=0, high=28
     )
-    # Elastic distortion (Simard et al. 2003): a random displacement field smoothed by a
+    # Elastic distortion (Simard et al.): a random displacement field smoothed by a
     # Gaussian of `elastic_sigma` pixels and scaled by `elastic` pixels (0 = off). It bends
     # strokes the way different hands do, which shifts and rotations cannot.
     elastic: float = setting(
@@ -262,7 +262,7 @@ LEGACY_STEM_KEYS = tuple(LEGACY_STEM_FLAGS)
 
 @dataclass(frozen=True)
 class ModelConfig(Settings):
-    # "resnet" (He et al. 2015, CIFAR-style) or "baseline" (the pytorch/examples MNIST CNN).
+    # "resnet" (He et al., CIFAR-style) or "baseline" (the pytorch/examples MNIST CNN).
     arch: str = setting("resnet", choices=("resnet", "baseline"))
     block: str = setting("plain", "plain or bottleneck", choices=BLOCK_KINDS)
     depth: int = setting(
@@ -342,7 +342,7 @@ class TrainConfig(Settings):
     lr: float = setting(0.2, "peak learning rate", above=0.0)
     momentum: float = setting(0.9, "SGD momentum", low=0.0, below=1.0)
     nesterov: bool = True
-    # Applied to conv and linear weights only: decaying BN and biases hurts (Goyal et al. 2017).
+    # Applied to conv and linear weights only: decaying BN and biases hurts (Goyal et al.).
     weight_decay: float = setting(
         5e-4, "weight decay on conv/linear weights (not BN, biases)", low=0.0
     )
@@ -512,7 +512,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # The GPU forms of `fast` and `best` (docs/speed.md#gpu-path). A GPU step of these small
     # networks costs launch overhead more than FLOPs, so the batch grows and the SGD learning
-    # rate with it (the linear scaling rule, as for several processes: Goyal et al. 2017);
+    # rate with it (the linear scaling rule, as for several processes: Goyal et al.);
     # validation and test run in batches of 5,000 and the losses are read every 50 steps. They
     # run on a CPU too, but were not tuned there; nor, yet, measured on a GPU. `fast-gpu` scales
     # the ResNet-14 recipe `fast` was before its ResNet-8 (lr 0.4 at batch 256).

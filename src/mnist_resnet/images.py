@@ -575,7 +575,7 @@ def preprocess(img: Image.Image) -> NDArray[np.uint8]:
     return center_by_mass(digit)
 
 
-# Fashion-MNIST's images were made from product photos on white (Xiao et al. 2017, section 2):
+# Fashion-MNIST's images were made from product photos on white (Xiao et al., section 2):
 # trim the edges within 5% of the corners' colour, resize the longest edge to 28 px, sharpen
 # (a Gaussian of radius and sigma 1), extend to 28x28 centred, negate.
 FASHION_TRIM = 0.05

@@ -276,7 +276,7 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         # Each residual branch starts at zero, so every block starts as identity and the deep
-        # net trains like a shallow one at first (Goyal et al. 2017). Without shortcuts a zero
+        # net trains like a shallow one at first (Goyal et al.). Without shortcuts a zero
         # gamma would output a constant and block all gradient, so the caller passes False then.
         if zero_init_residual:
             for m in self.modules():
