@@ -32,7 +32,7 @@ from mnist_resnet import data  # noqa: E402
 from mnist_resnet.checkpoint import load_checkpoint, load_model  # noqa: E402
 from mnist_resnet.config import default_data_dir  # noqa: E402
 from mnist_resnet.ensemble import pack  # noqa: E402
-from mnist_resnet.evaluate import evaluate  # noqa: E402
+from mnist_resnet.evaluate import evaluate_loaded  # noqa: E402
 from mnist_resnet.precision import make_runtime  # noqa: E402
 
 
@@ -71,24 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_record(r) for r in args.runs]
     groups = []
     fp32 = make_runtime(accel=False, amp=False, channels_last=False)
+    read: dict[str, data.Splits] = {}  # each dataset read once, whatever the groups
     with tempfile.TemporaryDirectory() as tmp:
         for start in range(0, len(args.runs), args.size):
             dirs = args.runs[start : start + args.size]
             out = Path(tmp) / f"group-{start}.pt"
             state = pack([d / "best.pt" for d in dirs], out, data_dir=args.data_dir, log=print)
             loaded = load_model(out)
-            splits = data.load_data(
-                dataclasses.replace(loaded.data_config, data_dir=str(args.data_dir)),
-                log=lambda _: None,
-            )
-            test = evaluate(
-                fp32.prepare_model(loaded.model),
-                splits.test_images,
-                splits.test_labels,
-                mean=loaded.mean,
-                std=loaded.std,
-                runtime=fp32,
-            )
+            dataset = loaded.data_config.dataset
+            if dataset not in read:
+                read[dataset] = data.load_data(
+                    dataclasses.replace(loaded.data_config, data_dir=str(args.data_dir)),
+                    log=lambda _: None,
+                )
+            splits = read[dataset]
+            test = evaluate_loaded(loaded, splits.test_images, splits.test_labels, fp32)
             groups.append(
                 {
                     "seeds": [m["seed"] for m in state["members"]],

@@ -126,7 +126,7 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
     """What `mnist-resnet evaluate` computes for a checkpoint: its folded model on the test set."""
     from mnist_resnet import data
     from mnist_resnet.checkpoint import load_model
-    from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.evaluate import evaluate_loaded
     from mnist_resnet.precision import make_runtime
 
     splits = data.load("mnist", mnist_root, log=lambda _: None)
@@ -137,14 +137,7 @@ def evaluate_saved(mnist_root: Path) -> Callable[[Path], EvalResult]:
         # otherwise (another thread count, a loaded machine) and change the last digits.
         amp = loaded.state["config"]["train"].get("amp")
         runtime = make_runtime(accel=True, amp=amp, channels_last=True)
-        return evaluate(
-            runtime.prepare_model(loaded.model),
-            splits.test_images,
-            splits.test_labels,
-            mean=loaded.mean,
-            std=loaded.std,
-            runtime=runtime,
-        )
+        return evaluate_loaded(loaded, splits.test_images, splits.test_labels, runtime)
 
     return run
 

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from mnist_resnet.files import writable_folder
 from mnist_resnet.inference import predict_logits
 from mnist_resnet.pretrained import ModelFile
 from mnist_resnet.runtime import Runtime
+
+if TYPE_CHECKING:
+    from mnist_resnet.checkpoint import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,27 @@ def evaluate(
         confusion=confusion,
         predictions=predictions,
         probabilities=logits.softmax(dim=1),
+    )
+
+
+def evaluate_loaded(
+    loaded: LoadedModel,
+    images_u8: torch.Tensor,
+    labels: torch.Tensor,
+    runtime: Runtime,
+    *,
+    batch_size: int = TrainConfig.test_batch_size,
+) -> EvalResult:
+    """`evaluate` of a loaded checkpoint's network, prepared for `runtime` and fed the images
+    normalised as its run normalised them."""
+    return evaluate(
+        runtime.prepare_model(loaded.model),
+        images_u8,
+        labels,
+        mean=loaded.mean,
+        std=loaded.std,
+        runtime=runtime,
+        batch_size=batch_size,
     )
 
 
@@ -163,15 +188,8 @@ def evaluate_checkpoint(
     # The precision the run trained and was judged in (its config records the decision), so
     # that this report reproduces the test accuracy `train` printed.
     runtime = make_runtime(accel=accel, amp=loaded.trained_amp, channels_last=True)
-    model = runtime.prepare_model(loaded.model)
-    result = evaluate(
-        model,
-        splits.test_images,
-        splits.test_labels,
-        mean=loaded.mean,
-        std=loaded.std,
-        runtime=runtime,
-        batch_size=batch_size,
+    result = evaluate_loaded(
+        loaded, splits.test_images, splits.test_labels, runtime, batch_size=batch_size
     )
     out = out_dir or checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -332,7 +332,7 @@ def _measured(
     as `predict` and `serve` run it, after it passed the checks any checkpoint must pass."""
     from mnist_resnet import data
     from mnist_resnet.checkpoint import load_model
-    from mnist_resnet.evaluate import evaluate
+    from mnist_resnet.evaluate import evaluate_loaded
     from mnist_resnet.posthoc import fit, metadata_record
     from mnist_resnet.precision import make_runtime
 
@@ -342,14 +342,7 @@ def _measured(
         log=log,
     )
     runtime = make_runtime(accel=False, amp=False, channels_last=False)
-    fp32 = evaluate(
-        runtime.prepare_model(loaded.model),
-        splits.test_images,
-        splits.test_labels,
-        mean=loaded.mean,
-        std=loaded.std,
-        runtime=runtime,
-    )
+    fp32 = evaluate_loaded(loaded, splits.test_images, splits.test_labels, runtime)
     preparation = loaded.data_config.preparation
     fitted = fit(loaded, splits, log=log)
     best = loaded.state.get("best") or {}
