@@ -16,7 +16,14 @@ import torch
 from datafakes import SHAPES, ShapesRun, shape_image
 
 from mnist_resnet import data, packaging, pretrained
-from mnist_resnet.checkpoint import INFERENCE_KEYS, load_checkpoint, load_model, save_checkpoint
+from mnist_resnet.checkpoint import (
+    INFERENCE_KEYS,
+    INT8_SCALE,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
 from mnist_resnet.files import hash_file
@@ -115,8 +122,58 @@ def test_float16_storage_halves_the_weights_and_loads_as_float32(
     assert packaging.stored_weights(state["model"], "float32") == state["model"]
     with pytest.raises(pretrained.PretrainedError, match="beyond float16's range"):
         packaging.stored_weights({"conv.weight": torch.tensor([1.0, 1e6])}, "float16")
-    with pytest.raises(pretrained.PretrainedError, match="unknown weight storage 'int8'"):
-        packaging.stored_weights({}, "int8")
+    with pytest.raises(pretrained.PretrainedError, match="unknown weight storage 'int4'"):
+        packaging.stored_weights({}, "int4")
+
+
+def test_int8_storage_keeps_conv_weights_in_a_quarter_and_loads_as_float32(
+    shapes_run: ShapesRun, tmp_path: Path
+) -> None:
+    state = load_checkpoint(shapes_run.checkpoint)
+    small = packaging.stored_weights(state["model"], "int8")
+    for key, tensor in state["model"].items():
+        if tensor.is_floating_point() and tensor.dim() >= 2:
+            q, scale = small[key], small[key + INT8_SCALE]
+            assert q.dtype == torch.int8 and q.shape == tensor.shape
+            assert scale.shape == (tensor.shape[0],)
+            # Each output channel's largest weight takes the whole range, none is clipped, and
+            # each weight moves by at most half a step.
+            assert int(q.abs().flatten(1).amax(1).min()) == 127 or bool((tensor == 0).all())
+            moved = (q.float() * scale.reshape(-1, *[1] * (q.dim() - 1)) - tensor).abs()
+            assert bool((moved <= scale.reshape(-1, *[1] * (q.dim() - 1)) / 2 + 1e-7).all())
+        else:
+            want = torch.float16 if tensor.is_floating_point() else tensor.dtype
+            assert small[key].dtype == want
+    kept = {key: state[key] for key in INFERENCE_KEYS if key in state}
+    full, packed = tmp_path / "full.safetensors", tmp_path / "int8.safetensors"
+    save_checkpoint(full, kept)
+    save_checkpoint(packed, {**kept, "model": small})
+    assert packed.stat().st_size < 0.4 * full.stat().st_size
+    original, loaded = load_model(full), load_model(packed)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        want, got = original.model(x), loaded.model(x)
+    # A step of 1/127 of each channel's largest weight: the logits move by a few percent of
+    # their spread at most.
+    assert float((got - want).abs().max()) <= 0.05 * float(want.std()) + 1e-4
+    # A file whose scales were edited (and its checksums recomputed) is refused in one line.
+    conv = next(k for k, t in small.items() if t.dtype == torch.int8)
+    for edit in (
+        {conv + INT8_SCALE: small[conv + INT8_SCALE][:-1]},
+        {conv + INT8_SCALE: torch.full_like(small[conv + INT8_SCALE], float("nan"))},
+        {conv: small[conv].float()},
+        {"nothing" + INT8_SCALE: torch.ones(3)},
+    ):
+        edited = tmp_path / "edited.safetensors"
+        save_checkpoint(edited, {**kept, "model": {**small, **edit}})
+        with pytest.raises(CheckpointError, match=r"int8|scales no weight") as caught:
+            load_model(edited)
+        assert "\n" not in str(caught.value)
+    without_scale = {k: v for k, v in small.items() if k != conv + INT8_SCALE}
+    save_checkpoint(edited, {**kept, "model": without_scale})
+    with pytest.raises(CheckpointError, match="does not fit its scales"):
+        load_model(edited)
 
 
 def test_a_run_of_another_recipe_is_not_packaged(shapes_run: ShapesRun, tmp_path: Path) -> None:
@@ -229,9 +286,17 @@ def test_each_shipped_model_is_pinned_small_and_loads_with_its_metadata(name: st
     assert path.stat().st_size <= pretrained.MAX_BYTES
     loaded = load_model(path)
     recipe = pretrained.RECIPES[name]
-    # Stored as its recipe says (float16 halves a file), and computed in float32 all the same.
-    stored = {t.dtype for t in loaded.state["model"].values() if t.is_floating_point()}
-    assert stored == {getattr(torch, recipe.storage)}
+    # Stored as its recipe says (float16 halves a file, int8 keeps the convs in a quarter with
+    # float32 scales beside them), and computed in float32 all the same.
+    stored = {t.dtype for t in loaded.state["model"].values() if t.dtype != torch.int64}
+    assert (
+        stored
+        == {
+            "float32": {torch.float32},
+            "float16": {torch.float16},
+            "int8": {torch.int8, torch.float32, torch.float16},
+        }[recipe.storage]
+    )
     assert meta.get("weights_stored_as", "float32") == recipe.storage
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert loaded.data_config.dataset == meta["dataset"] == recipe.dataset

@@ -56,6 +56,9 @@ INFERENCE_KEYS = (
     "members",
 )
 SAFETENSORS_SUFFIX = ".safetensors"
+# A weight stored as int8 (`packaging.stored_weights`) travels with one float scale per output
+# channel under its own name plus this suffix; no module parameter name holds a ':'.
+INT8_SCALE = ":int8_scale"
 # What a command line's argument must end in to be read as a checkpoint rather than an image.
 CHECKPOINT_SUFFIXES = (".pt", ".pth", SAFETENSORS_SUFFIX)
 
@@ -302,6 +305,34 @@ class LoadedModel:
         return recorded if isinstance(recorded, bool) else None
 
 
+def float_weights(path: Path | str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` as the network takes them: each int8 weight times its scales, in float32;
+    every other tensor as stored (`load_state_dict` widens float16 as it copies)."""
+    widened = {}
+    for key, tensor in weights.items():
+        if key.endswith(INT8_SCALE):
+            if key.removesuffix(INT8_SCALE) not in weights:
+                raise CheckpointError(f"{path}: {key[:60]!r} scales no weight (edited file)")
+            continue
+        scale = weights.get(key + INT8_SCALE)
+        if scale is None and tensor.dtype != torch.int8:
+            widened[key] = tensor
+            continue
+        if (
+            scale is None
+            or tensor.dtype != torch.int8
+            or tensor.dim() < 2
+            or not scale.is_floating_point()
+            or tuple(scale.shape) != (tensor.shape[0],)
+            or not bool(torch.isfinite(scale).all())
+        ):
+            raise CheckpointError(
+                f"{path}: its int8 weight {key[:60]!r} does not fit its scales (edited file)"
+            )
+        widened[key] = tensor.float() * scale.float().reshape(-1, *[1] * (tensor.dim() - 1))
+    return widened
+
+
 def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
     """Rebuild a checkpoint's model from its saved config, for inference on the CPU.
 
@@ -313,7 +344,7 @@ def load_model(path: Path | str, *, fold: bool = True) -> LoadedModel:
     model_cfg, data_cfg, mean, std, class_names = _validated(path, state)
     model = build_model(model_cfg)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(float_weights(path, state["model"]))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved model config") from e
     # Loaded models only predict (evaluate, ensemble, predict, serve, export): fold batch norms.

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from mnist_resnet import data
-from mnist_resnet.checkpoint import CheckpointError, LoadedModel, load_model, save_checkpoint
+from mnist_resnet.checkpoint import (
+    CheckpointError,
+    LoadedModel,
+    float_weights,
+    load_model,
+    save_checkpoint,
+)
 from mnist_resnet.config import ConfigError, EnsembleConfig, TrainConfig
 from mnist_resnet.evaluate import evaluate
 from mnist_resnet.files import hash_file, writable_file
@@ -305,7 +311,9 @@ def pack(
                     f"{path} differs from {checkpoints[0]} in its {key.replace('_', ' ')}"
                 )
     model_cfg = dataclasses.replace(first.model_config, members=len(members))
-    weights = stack_members([m.state["model"] for m in members])
+    weights = stack_members(
+        [float_weights(p, m.state["model"]) for p, m in zip(checkpoints, members, strict=True)]
+    )
     model = build_model(model_cfg)
     model.load_state_dict(weights)
     model.eval()

@@ -292,8 +292,12 @@ def package(
 
 def stored_weights(weights: dict[str, Any], storage: str) -> dict[str, Any]:
     """`weights` as a shipped file stores them (`pretrained.STORAGE`): float16 rounds each
-    floating tensor, refused where a value would not fit it (beyond about 65,504)."""
+    floating tensor, refused where a value would not fit it (beyond about 65,504); int8 keeps
+    each conv and linear weight as int8 with a float32 scale per output channel
+    (`checkpoint.INT8_SCALE`), and the rest (batch norms, biases) in float16."""
     import torch
+
+    from mnist_resnet.checkpoint import INT8_SCALE
 
     if storage not in pretrained.STORAGE:
         raise pretrained.PretrainedError(
@@ -303,6 +307,16 @@ def stored_weights(weights: dict[str, Any], storage: str) -> dict[str, Any]:
         return dict(weights)
     stored = {}
     for key, tensor in weights.items():
+        if storage == "int8" and tensor.is_floating_point() and tensor.dim() >= 2:
+            # Symmetric, one scale per output channel: the channel's largest weight maps to 127,
+            # so no weight is clipped and each moves by at most half a step.
+            full = tensor.float()
+            scale = full.abs().amax(dim=tuple(range(1, full.dim()))) / 127
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            steps = full / scale.reshape(-1, *[1] * (full.dim() - 1))
+            stored[key] = steps.round().clamp(-127, 127).to(torch.int8)
+            stored[key + INT8_SCALE] = scale
+            continue
         if tensor.is_floating_point():
             half = tensor.to(torch.float16)
             if not torch.isfinite(half).all():
@@ -331,7 +345,7 @@ def _measured(
     """`meta` with what the checkpoint at `path` measures on the test set in fp32 on the CPU,
     as `predict` and `serve` run it, after it passed the checks any checkpoint must pass."""
     from mnist_resnet import data
-    from mnist_resnet.checkpoint import load_model
+    from mnist_resnet.checkpoint import INT8_SCALE, load_model
     from mnist_resnet.evaluate import evaluate_loaded
     from mnist_resnet.posthoc import fit, metadata_record
     from mnist_resnet.precision import make_runtime
@@ -359,7 +373,7 @@ def _measured(
         "parameters": sum(
             t.numel()
             for key, t in loaded.state["model"].items()
-            if not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+            if not key.endswith(("running_mean", "running_var", "num_batches_tracked", INT8_SCALE))
         ),
         # Temperature and out-of-distribution detector (docs/calibration.md), as stored in the
         # file itself: shown here for readers of the card.
@@ -369,6 +383,13 @@ def _measured(
 
 
 # ----------------------------------------------------------------------------- model cards
+
+
+# How a model card names each weight storage (`stored_weights`).
+STORAGE_WORDS = {
+    "float16": "float16",
+    "int8": "int8 with a scale per output channel (batch norms in float16)",
+}
 
 
 def model_card(
@@ -394,7 +415,8 @@ def model_card(
     return {
         "model": f"{meta.get('description')}; {meta.get('parameters', 0):,} parameters"
         + (
-            f", stored as {meta['weights_stored_as']} (computed in float32 or bf16)"
+            f", stored as {STORAGE_WORDS.get(meta['weights_stored_as'], meta['weights_stored_as'])}"
+            " (computed in float32 or bf16)"
             if meta.get("weights_stored_as", "float32") != "float32"
             else ""
         ),
