@@ -26,6 +26,7 @@ from mnist_resnet.checkpoint import (
 )
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
+from mnist_resnet.evaluate import shipped_figures_folder
 from mnist_resnet.files import hash_file
 from mnist_resnet.predict import Predictor
 
@@ -249,6 +250,17 @@ def test_without_a_checkpoint_the_commands_use_the_shipped_model_and_say_so(
         "calibration: margin temperature scaling" in report and (out / "reliability.png").is_file()
     )
     assert re.search(r"^  calibrated +\d+\.\d+% ", report, re.MULTILINE)
+
+
+def test_a_shipped_models_figures_never_go_into_the_package(tmp_path: Path) -> None:
+    # Named, or given by its path inside the installed package: figures to ./pretrained-NAME.
+    by_path = pretrained.ModelFile(pretrained.FOLDER / "mnist.safetensors", None)
+    assert shipped_figures_folder(by_path) == Path("pretrained-mnist")
+    named = pretrained.choose(None, "fashion-mnist")
+    assert shipped_figures_folder(named) == Path("pretrained-fashion-mnist")
+    # Any other checkpoint's go beside it (None: the default).
+    elsewhere = pretrained.ModelFile(tmp_path / "mnist.safetensors", None)
+    assert shipped_figures_folder(elsewhere) is None
 
 
 def test_the_pretrained_command_lists_the_shipped_models(

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_resnet import pretrained
 from mnist_resnet.config import TrainConfig
 from mnist_resnet.errors import printable
 from mnist_resnet.files import writable_folder
@@ -237,6 +238,15 @@ def evaluate_checkpoint(
     )
 
 
+def shipped_figures_folder(model: ModelFile) -> Path | None:
+    """Where `evaluate` puts a shipped model's figures: `pretrained-NAME/` in the current
+    folder, since the model's own folder is the installed package (whether the model was named
+    or given by its path); None for any other checkpoint (its figures go beside it)."""
+    inside = model.path.resolve().parent == pretrained.FOLDER.resolve()
+    name = model.pretrained or (model.path.stem if inside else None)
+    return Path(f"pretrained-{name}") if name else None
+
+
 def main(
     model: ModelFile,
     *,
@@ -247,8 +257,7 @@ def main(
 ) -> int:
     """`mnist-resnet evaluate`: the report of `evaluate_checkpoint`, printed; its figures in
     `out` (default: beside the checkpoint, or pretrained-NAME/ here for a shipped model)."""
-    # A shipped model's folder is the installed package: its figures go to the current folder.
-    out = out or (Path(f"pretrained-{model.pretrained}") if model.pretrained else None)
+    out = out or shipped_figures_folder(model)
     # The figures are written after the whole evaluation: check their folder first.
     writable_folder(out or model.path.parent, "--out")
     report = evaluate_checkpoint(
