@@ -159,11 +159,15 @@ class _Killed(Exception):
 
 
 def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
-    mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mnist_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Started with a relative --data-dir, killed, resumed from another folder without one:
     the resumed run reads the files the run used (saved as an absolute path), and fetches
-    nothing into ./data; a --data-dir given with --resume says where the files are now."""
+    nothing into ./data; a --data-dir given with --resume says where the files are now.
+    Flags that would change what the run learns are refused; --threads is this machine's."""
     import mnist_resnet.train as train_module
     from mnist_resnet import data
 
@@ -192,7 +196,15 @@ def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    assert main(["train", "--resume", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--width", "2"]) == 2
+    refused = _error_line(capsys)
+    assert "--width (the run has 1.0); --epochs (the run has 1)" in refused
+    assert "--threads" in refused
+    assert read_from == [str(mnist_root)]  # refused before any data was read
+    # The run's own settings given again are fine; --threads is this machine's to choose.
+    assert main(["train", "--resume", str(run), "--depth", "8", "--threads", "1"]) == 0
+    assert ", 1 threads" in capsys.readouterr().out
     assert read_from == [str(mnist_root), str(mnist_root)]
     assert not (elsewhere / "data").exists()
     # Files moved: --data-dir with --resume names their new place (they must hash the same).

@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         metavar="PATH",
         help="continue a killed run: its run directory or a checkpoint (no PATH: newest run); "
-        "its settings and data folder are the run's own, --data-dir says where its files are now",
+        "its recipe and data folder are the run's own (a flag that changes the recipe is refused; "
+        "--threads, --no-accel and the checkpoint/log intervals apply), --data-dir says where its "
+        "files are now",
     )
     train.add_argument(
         "--nproc",
@@ -261,6 +263,15 @@ def _train_flags(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _given_fields(args: argparse.Namespace) -> dict[str, set[str]]:
+    """The config fields set on the command line, by config class name (the legacy stem flags
+    set `stem`), so that a resumed run can tell them from its own settings."""
+    fields = {cls.__name__: set(given(args, cls)) for cls in (ModelConfig, TrainConfig, DataConfig)}
+    if any(k.startswith("old_stem.") and v is not None for k, v in vars(args).items()):
+        fields["ModelConfig"].add("stem")
+    return fields
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mnist_resnet.distributed import is_main_process
     from mnist_resnet.model import check_size
@@ -286,6 +297,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         preset=args.preset,
         resume=resume,
         resume_data_dir=data_cfg.data_dir if moved else None,
+        resume_given=_given_fields(args),
     )
     if is_main_process():
         print("\n".join(result.lines()))

@@ -3,11 +3,12 @@ saved, and the check that a run directory can hold the run before training start
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mnist_resnet.checkpoint import latest_loadable, load_checkpoint, run_checkpoints
 from mnist_resnet.config import (
@@ -20,6 +21,7 @@ from mnist_resnet.config import (
 )
 from mnist_resnet.errors import TrainingError
 from mnist_resnet.files import prove_writable
+from mnist_resnet.settings import flag_of
 
 
 def default_run_name(preset: str, cfg: DataConfig, train_cfg: TrainConfig) -> str:
@@ -54,6 +56,41 @@ def check_run_dir(run_dir: Path, checkpoint_bytes: int, copies: int) -> None:
             f"only {free >> 20} MB free under {run_dir}; this run needs about {needed >> 20} MB "
             "for its checkpoints. Free some space or choose another --runs-dir"
         )
+
+
+# What a resumed run may be told anew besides where its data is: how this machine runs it. What
+# it learns (model, recipe, data and its split) stays the run's own.
+RESUME_MACHINE = ("threads", "accel", "log_interval", "keep_last", "checkpoint_steps")
+# Where the run and its data are: said by --resume and --data-dir themselves.
+_RESUME_PLACES = {"TrainConfig": {"runs_dir"}, "DataConfig": {"data_dir"}}
+
+
+def resumed_with(
+    saved: tuple[ModelConfig, TrainConfig, DataConfig],
+    asked: tuple[ModelConfig, TrainConfig, DataConfig],
+    given: dict[str, set[str]],
+) -> TrainConfig:
+    """A resumed run's saved TrainConfig with this machine's settings among those `given` on
+    the command line (`asked` holds their values); any other given setting must equal the
+    run's own, or the resume is refused rather than silently ignoring it."""
+    differing = []
+    for own, wanted in zip(saved, asked, strict=True):
+        name = type(own).__name__
+        for f in dataclasses.fields(cast(Any, own)):
+            if f.name not in given.get(name, set()) or f.name in _RESUME_PLACES.get(name, set()):
+                continue
+            if name == "TrainConfig" and f.name in RESUME_MACHINE:
+                continue
+            if getattr(own, f.name) != getattr(wanted, f.name):
+                differing.append(f"{flag_of(f)} (the run has {getattr(own, f.name)!r})")
+    if differing:
+        raise ConfigError(
+            f"--resume continues a run with its own settings: {'; '.join(differing[:4])}; start "
+            "a new run to change them (--threads, --no-accel and --data-dir may change)"
+        )
+    train_cfg = saved[1]
+    machine = {k: getattr(asked[1], k) for k in RESUME_MACHINE if k in given.get("TrainConfig", ())}
+    return dataclasses.replace(train_cfg, **machine)
 
 
 def saved_configs(

@@ -63,6 +63,7 @@ from mnist_resnet.runs import (
     never_checkpointed,
     new_run_dir,
     read_run_config,
+    resumed_with,
     saved_configs,
 )
 from mnist_resnet.runtime import configure_threads, seed_everything
@@ -781,11 +782,15 @@ def train(
     log: Log = print,
     resume: Path | None = None,
     resume_data_dir: str | None = None,
+    resume_given: dict[str, set[str]] | None = None,
 ) -> TrainResult:
     """Train (or resume) a run and evaluate its selected checkpoint once on the test set.
 
     A resumed run takes every setting from the run itself, the data folder included; give
-    `resume_data_dir` when its files are now elsewhere (they must hash the same).
+    `resume_data_dir` when its files are now elsewhere (they must hash the same). With
+    `resume_given` (the fields set on the command line, by config class name) the configs given
+    say what a resume may change: this machine's settings (`runs.RESUME_MACHINE`) apply, and a
+    setting that differs from the run's own is refused.
     Started by torchrun with several processes, it joins their process group (gloo on CPUs,
     NCCL on CUDA) and trains data-parallel; it leaves the group on success and on error.
     """
@@ -798,6 +803,7 @@ def train(
             log=log,
             resume=resume,
             resume_data_dir=resume_data_dir,
+            resume_given=resume_given or {},
         )
 
 
@@ -818,8 +824,10 @@ def _train(
     log: Log,
     resume: Path | None,
     resume_data_dir: str | None,
+    resume_given: dict[str, set[str]],
 ) -> TrainResult:
     _one_network(model_cfg)  # before a run folder is made
+    asked = (model_cfg, train_cfg, data_cfg)
     resume_state = None
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
@@ -841,6 +849,8 @@ def _train(
     else:
         # Rank 0 names the run (the default name holds the time) and checks it is new.
         run_dir = distributed.main_only(lambda: new_run_dir(preset, train_cfg, data_cfg))
+    if fresh_dir is not None or resume is not None:
+        train_cfg = resumed_with((model_cfg, train_cfg, data_cfg), asked, resume_given)
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
     _one_network(model_cfg)
