@@ -194,7 +194,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="data root (both datasets)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results-ood.json")
+    parser.add_argument(
+        "--without-letters",
+        action="store_true",
+        help="measure without the Liberation fonts: the results file then lacks the letter rows",
+    )
     args = parser.parse_args()
+    if not JUDGE_FONTS.is_dir() and not args.without_letters:
+        # A results file without the letter rows must be asked for, not written by accident.
+        print(
+            f"ood.py: {JUDGE_FONTS} missing: apt-get install fonts-liberation "
+            "(or --without-letters to measure without the letter sets)",
+            file=sys.stderr,
+        )
+        return 2
     data_dir = args.data_dir or Path(default_data_dir())
     torch.manual_seed(0)
     results = []
