@@ -388,7 +388,7 @@ def _measured(
 # How a model card names each weight storage (`stored_weights`).
 STORAGE_WORDS = {
     "float16": "float16",
-    "int8": "int8 with a scale per output channel (batch norms in float16)",
+    "int8": "int8 with a scale per output channel, batch norms in float16",
 }
 
 
