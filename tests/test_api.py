@@ -121,6 +121,12 @@ def test_unusable_inputs_are_one_clear_error(clf: Classifier, tmp_path: Path) ->
         clf.predict(np.zeros((28, 28, 2), np.uint8))
     with pytest.raises(UnreadableImage, match="28x28"):
         clf.predict(np.zeros((30, 30), np.uint8), preprocess=False)
+    # An (N, 28, 28) array, as MNIST-style sets are kept, is told how to go in as a batch.
+    batch = np.zeros((5, 28, 28), np.uint8)
+    batch[:, 8:20, 13:15] = 255
+    with pytest.raises(UnreadableImage, match=r"a batch\? give a list of images"):
+        clf.predict(batch)
+    assert [p.label for p in clf.predict(list(batch))] == [clf.predict(batch[0]).label] * 5
     with pytest.raises(UnreadableImage, match=r"no such file|cannot read"):
         clf.predict(tmp_path / "missing.png")
     with pytest.raises(TypeError, match="cannot read a dict"):

@@ -239,8 +239,10 @@ def _pixel_array(image: object) -> NDArray[np.uint8]:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))) or not array.size:
+        # (N, 28, 28) arrays are how MNIST-style sets are kept: say how to give them.
+        batch = " (a batch? give a list of images: predict(list(images)))" if array.ndim > 2 else ""
         raise UnreadableImage(
-            f"expected an image of shape (H, W) or (H, W, 3 or 4), got {tuple(array.shape)}"
+            f"expected an image of shape (H, W) or (H, W, 3 or 4), got {tuple(array.shape)}{batch}"
         )
     return np.ascontiguousarray(array)
 
