@@ -10,8 +10,8 @@ code = main()
 if env_from_os().enabled:
     # A torchrun worker leaves without the interpreter's teardown. Its results are written and
     # its process group destroyed by now, but tearing down torch's C++ state at exit aborted
-    # now and then ("terminate called without an active exception": 1 `train --nproc 2` run in
-    # 8-12 here), which made torchrun report a finished job as failed.
+    # now and then ("terminate called without an active exception", docs/distributed.md),
+    # which made torchrun report a finished job as failed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -408,7 +408,7 @@ def find_ink(gray: Gray) -> Gray:
             continue
         members = groups[box] == index
         # The extent in pixels, from the stroke pixels in the group's cells (the grid alone
-        # would make a 5-px speck that straddles cells look 2-3 cells long).
+        # would make a 5-px speck that straddles cells look several cells long).
         pixels = strokes[box[0].start * cell : box[0].stop * cell, box[1].start * cell :]
         pixels = pixels[:, : (box[1].stop - box[1].start) * cell]
         cells = np.repeat(np.repeat(members, cell, axis=0), cell, axis=1) if cell > 1 else members

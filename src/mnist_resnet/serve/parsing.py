@@ -41,7 +41,7 @@ TOP_K = 3
 # Pixels one request may have decoded, all its images together, checked from their headers
 # before any is decoded. An upload is decoded at full size before it is reduced (PNG and WebP
 # cannot decode smaller), so the server takes far fewer than `predict` does: 4 MP is 16 MB as
-# RGBA and about 0.1 s of lossless WebP decoding, a 4000 x 4000 one 0.3-0.5 s (docs/serving.md).
+# RGBA, and a tiny lossless WebP can claim far more (decoding times: docs/serving.md).
 MAX_UPLOAD_PIXELS = 4_000_000
 
 # 64 images of 28x28 as JSON are about 300 KB; bodies beyond this are parsed off the event loop.

@@ -43,9 +43,8 @@ def make_scorer(loaded: LoadedModel, config: ServeConfig) -> tuple[str, Scorer]:
 
 # Images on the integration path per forward and backward pass of /explain. The server maps
 # every buffer over 1 MiB for itself (runtime.return_freed_memory), so the activations of all
-# 2 x 32 at once (3.2 MB a tensor for the shipped model) were mapped, faulted in and unmapped
-# on every pass: 16 at a time took 93-104 ms a drawing where all at once took 122, with the
-# same maps (docs/serving.md#what-the-network-looks-at).
+# the steps at once were mapped, faulted in and unmapped on every pass; batches of 16 stay
+# under that and gave the same maps faster (measured in docs/serving.md#what-the-network-looks-at).
 PASS_BATCH = 16
 
 
@@ -63,8 +62,8 @@ class Explainer:
         self, checkpoint: Path, steps: int | None = None, batch: int | None = PASS_BATCH
     ) -> None:
         self.loaded = load_model(checkpoint)
-        # NHWC: an explanation of the shipped model took 23-26% less time than in the layout it
-        # loads in, with maps equal to 5e-8 (docs/serving.md#what-the-network-looks-at).
+        # NHWC: explanations take less time than in the layout it loads in, with the same maps
+        # (measured in docs/serving.md#what-the-network-looks-at).
         Runtime(torch.device("cpu"), None, channels_last=True).prepare_model(self.loaded.model)
         self.steps = steps or live_steps(self.loaded)
         self.batch = batch
