@@ -305,6 +305,21 @@ class LoadedModel:
         return recorded if isinstance(recorded, bool) else None
 
 
+def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv or linear weight as int8 steps and one float32 scale per output channel
+    (`float_weights` undoes it). Symmetric: each channel's largest weight maps to 127, so no
+    weight is clipped and each moves by at most half a step."""
+    full = weight.float()
+    scale = full.abs().amax(dim=tuple(range(1, full.dim()))) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (full / _per_channel(scale, full)).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _per_channel(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`scale` (one value per output channel) shaped to multiply `weight`."""
+    return scale.float().reshape(-1, *[1] * (weight.dim() - 1))
+
+
 def float_weights(path: Path | str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weights` as the network takes them: each int8 weight times its scales, in float32;
     every other tensor as stored (`load_state_dict` widens float16 as it copies)."""
@@ -329,7 +344,7 @@ def float_weights(path: Path | str, weights: dict[str, torch.Tensor]) -> dict[st
             raise CheckpointError(
                 f"{path}: its int8 weight {key[:60]!r} does not fit its scales (edited file)"
             )
-        widened[key] = tensor.float() * scale.float().reshape(-1, *[1] * (tensor.dim() - 1))
+        widened[key] = tensor.float() * _per_channel(scale, tensor)
     return widened
 
 

@@ -297,7 +297,7 @@ def stored_weights(weights: dict[str, Any], storage: str) -> dict[str, Any]:
     (`checkpoint.INT8_SCALE`), and the rest (batch norms, biases) in float16."""
     import torch
 
-    from mnist_resnet.checkpoint import INT8_SCALE
+    from mnist_resnet.checkpoint import INT8_SCALE, int8_weight
 
     if storage not in pretrained.STORAGE:
         raise pretrained.PretrainedError(
@@ -308,14 +308,7 @@ def stored_weights(weights: dict[str, Any], storage: str) -> dict[str, Any]:
     stored = {}
     for key, tensor in weights.items():
         if storage == "int8" and tensor.is_floating_point() and tensor.dim() >= 2:
-            # Symmetric, one scale per output channel: the channel's largest weight maps to 127,
-            # so no weight is clipped and each moves by at most half a step.
-            full = tensor.float()
-            scale = full.abs().amax(dim=tuple(range(1, full.dim()))) / 127
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            steps = full / scale.reshape(-1, *[1] * (full.dim() - 1))
-            stored[key] = steps.round().clamp(-127, 127).to(torch.int8)
-            stored[key + INT8_SCALE] = scale
+            stored[key], stored[key + INT8_SCALE] = int8_weight(tensor)
             continue
         if tensor.is_floating_point():
             half = tensor.to(torch.float16)
