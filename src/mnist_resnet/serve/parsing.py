@@ -230,7 +230,7 @@ async def upload_batch(
     if len(uploads) > max_images:
         raise HTTPException(422, f"at most {max_images} images per request")
     k_field = form.get("top_k", str(TOP_K))
-    # isdecimal accepts only 0-9 in any script, which int() reads; isdigit would let "²" by.
+    # isdecimal accepts only decimal digits (any script), which int() reads; isdigit lets "²" by.
     # Two digits at most: int() of a 5,000-digit string raises (Python's conversion limit).
     k_text = k_field if isinstance(k_field, str) and len(k_field) <= 2 else ""
     if not (k_text.isascii() and k_text.isdecimal() and 1 <= int(k_text) <= 10):
