@@ -3,6 +3,7 @@ default model, and the shipped files themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -27,6 +28,7 @@ from mnist_resnet.checkpoint import (
 )
 from mnist_resnet.cli import PRETRAINED_DEFAULT, PRETRAINED_NAMES, main
 from mnist_resnet.config import DATASET_PREPROCESS, PREPROCESS_INPUTS
+from mnist_resnet.errors import UserError
 from mnist_resnet.evaluate import shipped_figures_folder
 from mnist_resnet.files import hash_file
 from mnist_resnet.predict import Predictor
@@ -468,19 +470,21 @@ def test_pretrained_train_command_trains_the_named_recipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`make pretrained` runs `mnist-resnet pretrained train NAME`: it hands the name, folders
-    and threads to packaging.train_recipe (tested above) and says where the run is."""
+    threads and jobs to packaging.train_recipe (tested above) and says where the run is."""
     calls: list[tuple[object, ...]] = []
 
-    def fake_train_recipe(name: str, runs_dir: Path, *, data_dir: Path, threads: int) -> Path:
-        calls.append((name, runs_dir, data_dir, threads))
+    def fake_train_recipe(
+        name: str, runs_dir: Path, *, data_dir: Path, threads: int, jobs: int
+    ) -> Path:
+        calls.append((name, runs_dir, data_dir, threads, jobs))
         (runs_dir / name).mkdir(parents=True)
         (runs_dir / name / "result.json").write_text('{"test_accuracy": 0.99771}')
         return runs_dir / name
 
     monkeypatch.setattr(packaging, "train_recipe", fake_train_recipe)
     argv = ["pretrained", "train", "mnist", "--runs-dir", str(tmp_path / "r"), "--threads", "1"]
-    assert main([*argv, "--data-dir", str(tmp_path / "d")]) == 0
-    assert calls == [("mnist", tmp_path / "r", tmp_path / "d", 1)]
+    assert main([*argv, "--data-dir", str(tmp_path / "d"), "--jobs", "2"]) == 0
+    assert calls == [("mnist", tmp_path / "r", tmp_path / "d", 1, 2)]
     # It ends as every command that measures a model does: with the model's test accuracy.
     assert capsys.readouterr().out.strip().splitlines() == [
         f"run directory: {tmp_path / 'r' / 'mnist'}",
@@ -542,3 +546,50 @@ def test_an_ensemble_recipe_trains_its_members_then_packs_their_average(
     assert selection.startswith("each of the 2 runs at its epoch with the lowest validation")
     assert "(epochs 1, 2)" in selection and "(25.00%); the only seeds tried;" in selection
     assert recipe.summary == f"average of 2 runs of the resnet14 preset {base.flags}, seeds 1, 2"
+
+
+def test_jobs_train_an_ensembles_members_side_by_side_in_processes_of_their_own(
+    shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pretrained train NAME --jobs 2` (what `make pretrained` runs): the members, which need
+    no other run, train at once in spawned processes, the threads shared between them, each
+    writing to its own log beside its run folder; the average is then packed as before."""
+    recipe = pretrained.ensemble_of(_recipe(shapes_run), (1, 2), chosen="the only seeds tried")
+    monkeypatch.setitem(pretrained.RECIPES, "shapes", recipe)
+    lines: list[str] = []
+    run_dir = packaging.train_recipe("shapes", tmp_path, threads=2, jobs=2, log=lines.append)
+    assert lines[0].startswith("training 2 runs, 2 at a time with 1 thread(s) each")
+    for run, seed in zip(recipe.member_runs, (1, 2), strict=True):
+        state = load_checkpoint(tmp_path / run / "best.pt")
+        assert (state["config"]["train"]["seed"], state["config"]["train"]["threads"]) == (seed, 1)
+        assert not packaging.recipe_differences(state["config"], recipe.members[seed - 1])
+        # The run's own lines went to its log, ending with its test accuracy as a run does.
+        own = (tmp_path / f"{run}.log").read_text().splitlines()
+        assert any(line.startswith("epoch 1/1:") for line in own)
+        accuracy = packaging.recorded_test_accuracy(tmp_path / run)
+        assert accuracy is not None and f"{tmp_path / run}: finished: test accuracy" in "\n".join(
+            lines
+        )
+    state = load_checkpoint(run_dir / "best.pt")
+    assert [m["seed"] for m in state["members"]] == [1, 2]
+    # Finished runs are kept, with or without --jobs: nothing is trained again.
+    lines.clear()
+    packaging.train_recipe("shapes", tmp_path, jobs=2, log=lines.append)
+    assert len(lines) == 3 and all("kept" in line for line in lines)
+    with pytest.raises(pretrained.PretrainedError, match="--jobs must be a whole number >= 1"):
+        packaging.train_recipe("shapes", tmp_path, jobs=0, log=lines.append)
+
+
+def test_a_run_that_fails_beside_another_stops_both_with_its_one_line_error(
+    shapes_run: ShapesRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = dataclasses.replace(_recipe(shapes_run), dataset=f"folder:{tmp_path / 'gone'}")
+    recipe = pretrained.ensemble_of(missing, (1, 2), chosen="the only seeds tried")
+    monkeypatch.setitem(pretrained.RECIPES, "shapes", recipe)
+    with pytest.raises(UserError) as raised:
+        packaging.train_recipe("shapes", tmp_path / "runs", jobs=2, log=lambda _: None)
+    message = str(raised.value)
+    assert "gone" in message and "\n" not in message
+    # Its log says the same, for whoever reads it instead of the terminal.
+    logs = [(tmp_path / "runs" / f"{run}.log").read_text() for run in recipe.member_runs]
+    assert any(f"error: {message}" in text for text in logs)

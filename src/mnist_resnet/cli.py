@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(tr, DataConfig, ["data_dir"])
     add_flags(tr, TrainConfig, ["threads"])
     tr.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train up to N runs that do not need each other (an ensemble's members, a "
+        "student's teachers) at once, sharing the threads (default: 1, one after another)",
+    )
+    tr.add_argument(
         "--runs-dir",
         type=Path,
         default=Path(PRETRAINED_RUNS),
@@ -395,7 +403,11 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
 
     if args.action == "train":
         run_dir = packaging.train_recipe(
-            args.name, args.runs_dir, data_dir=_data_dir(args), threads=_train_flags(args).threads
+            args.name,
+            args.runs_dir,
+            data_dir=_data_dir(args),
+            threads=_train_flags(args).threads,
+            jobs=args.jobs,
         )
         print(f"run directory: {run_dir}")
         accuracy = packaging.recorded_test_accuracy(run_dir)

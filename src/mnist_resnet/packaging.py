@@ -7,9 +7,11 @@ which it runs; `pretrained` itself (names, pins, metadata) stands below them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -80,17 +82,26 @@ def train_recipe(
     *,
     data_dir: Path | None = None,
     threads: int = 0,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Train `name`'s recipe in `runs_dir`: its teachers first, then the model itself, each in
     its own run folder (an ensemble: its members, then the file that averages them); a finished
     run of the same recipe is kept, a killed one resumed, one of another recipe refused.
+    With `jobs` > 1, up to that many of the runs that do not need each other (the teachers, the
+    members) train at once, each in its own process with an even share of the threads.
     Returns the model's run folder, ready for `package`."""
     recipe = pretrained._known(name)
-    for run, teacher in zip(recipe.teacher_runs, recipe.teachers, strict=True):
-        _train_run(teacher, runs_dir / run, (), data_dir, threads, log)
-    for run, member in zip(recipe.member_runs, recipe.members, strict=True):
-        _train_run(member, runs_dir / run, (), data_dir, threads, log)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise pretrained.PretrainedError(f"--jobs must be a whole number >= 1, not {jobs!r}")
+    # The teachers, then the members: runs that need no other run of the recipe.
+    for group in (
+        zip(recipe.teachers, recipe.teacher_runs, strict=True),
+        zip(recipe.members, recipe.member_runs, strict=True),
+    ):
+        _train_runs(
+            [(run, runs_dir / folder) for run, folder in group], data_dir, threads, jobs, log
+        )
     if recipe.members:
         _pack_run(recipe, runs_dir, runs_dir / name, data_dir, log)
         return runs_dir / name
@@ -109,6 +120,77 @@ def recorded_test_accuracy(run_dir: Path) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def _train_runs(
+    runs: list[tuple[pretrained.Recipe, Path]],
+    data_dir: Path | None,
+    threads: int,
+    jobs: int,
+    log: Callable[[str], None],
+) -> None:
+    """Train runs that do not depend on each other: one after another, or with `jobs` > 1 side
+    by side in processes of their own (spawned: a forked torch may hang in its thread pools).
+    Each such process writes to `<run folder>.log` beside its run folder, since the progress
+    bars of several runs cannot share one terminal."""
+    todo = [(recipe, run_dir) for recipe, run_dir in runs if not _finished(recipe, run_dir, log)]
+    side = min(jobs, len(todo))
+    if side <= 1:
+        for recipe, run_dir in todo:
+            _train_run(recipe, run_dir, (), data_dir, threads, log)
+        return
+    from mnist_resnet.runtime import available_cpus
+
+    each = max(1, (threads or available_cpus()) // side)
+    logs = ", ".join(str(_side_log(run_dir)) for _, run_dir in todo)
+    log(f"training {len(todo)} runs, {side} at a time with {each} thread(s) each; output: {logs}")
+    work = [(recipe, run_dir, data_dir, each) for recipe, run_dir in todo]
+    # Leaving the pool (an error in one run, Ctrl-C) terminates the others: every run keeps its
+    # epoch checkpoints, so the next `pretrained train` resumes them.
+    with multiprocessing.get_context("spawn").Pool(side, maxtasksperchild=1) as pool:
+        for run_dir in pool.imap_unordered(_train_run_beside, work):
+            accuracy = recorded_test_accuracy(run_dir)
+            measured = f": test accuracy {accuracy:.2%}" if accuracy is not None else ""
+            log(f"{run_dir}: finished{measured}")
+
+
+def _side_log(run_dir: Path) -> Path:
+    # Beside the run folder, not in it: a run folder that exists is a killed run to resume.
+    return run_dir.with_name(f"{run_dir.name}.log")
+
+
+def _train_run_beside(work: tuple[pretrained.Recipe, Path, Path | None, int]) -> Path:
+    """One run of `_train_runs`, in its own process, its output appended to its log."""
+    recipe, run_dir, data_dir, threads = work
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(_side_log(run_dir), "a", encoding="utf-8", buffering=1) as out,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(out),
+    ):
+        try:
+            _train_run(recipe, run_dir, (), data_dir, threads, print)
+        except Exception as error:
+            print(f"error: {error}")
+            raise
+    return run_dir
+
+
+def _finished(recipe: pretrained.Recipe, run_dir: Path, log: Callable[[str], None]) -> bool:
+    """Whether `run_dir` holds a finished run of `recipe` (said in the log, and kept); a
+    finished run of another recipe is refused."""
+    from mnist_resnet.checkpoint import load_checkpoint
+
+    if not (run_dir / "result.json").is_file():
+        return False
+    differences = recipe_differences(load_checkpoint(run_dir / "best.pt")["config"], recipe)
+    if differences:
+        raise pretrained.PretrainedError(
+            f"{run_dir} holds a finished run of another recipe ({'; '.join(differences[:3])}"
+            "); delete it, or give another --runs-dir"
+        )
+    log(f"{run_dir}: finished earlier with this recipe, kept")
+    return True
+
+
 def _train_run(
     recipe: pretrained.Recipe,
     run_dir: Path,
@@ -117,18 +199,10 @@ def _train_run(
     threads: int,
     log: Callable[[str], None],
 ) -> None:
-    from mnist_resnet.checkpoint import load_checkpoint
     from mnist_resnet.train import train
 
     data_root = str((data_dir or Path(default_data_dir())).expanduser().absolute())
-    if (run_dir / "result.json").is_file():
-        differences = recipe_differences(load_checkpoint(run_dir / "best.pt")["config"], recipe)
-        if differences:
-            raise pretrained.PretrainedError(
-                f"{run_dir} holds a finished run of another recipe ({'; '.join(differences[:3])}"
-                "); delete it, or give another --runs-dir"
-            )
-        log(f"{run_dir}: finished earlier with this recipe, kept")
+    if _finished(recipe, run_dir, log):
         return
     configs = recipe.configs()
     train_cfg = dataclasses.replace(
