@@ -201,9 +201,13 @@ def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
     refused = _error_line(capsys)
     assert "--width (the run has 1.0); --epochs (the run has 1)" in refused
     assert "--threads" in refused
+    # Another preset is another run too; the run's own, named, is fine (below).
+    assert main(["train", "--resume", str(run), "--preset", "fast"]) == 2
+    assert "--preset (the run has 'resnet14')" in _error_line(capsys)
     assert read_from == [str(mnist_root)]  # refused before any data was read
     # The run's own settings given again are fine; --threads is this machine's to choose.
-    assert main(["train", "--resume", str(run), "--depth", "8", "--threads", "1"]) == 0
+    resumed = ["train", "--resume", str(run), "--preset", "resnet14", "--depth", "8"]
+    assert main([*resumed, "--threads", "1"]) == 0
     assert ", 1 threads" in capsys.readouterr().out
     assert read_from == [str(mnist_root), str(mnist_root)]
     assert not (elsewhere / "data").exists()

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model and report its test accuracy")
     train.add_argument(
         "--preset",
-        default=DEFAULT_PRESET,
-        help=f"recipe: {', '.join(PRESETS)} (default: %(default)s)",
+        # None until given: a resumed run must tell an asked-for preset from the default.
+        default=None,
+        help=f"recipe: {', '.join(PRESETS)} (default: {DEFAULT_PRESET})",
     )
     train.add_argument(
         "--resume",
@@ -232,7 +233,7 @@ def _data_dir(args: argparse.Namespace) -> Path:
 
 def train_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     """Preset values, then every flag the user gave on top."""
-    chosen = preset(args.preset)
+    chosen = preset(args.preset or DEFAULT_PRESET)
     model_cfg = from_args(ModelConfig, args, chosen.model)
     old_stem = {
         k.removeprefix("old_stem."): v
@@ -277,6 +278,8 @@ def _given_fields(args: argparse.Namespace) -> dict[str, set[str]]:
     fields = {cls.__name__: set(given(args, cls)) for cls in (ModelConfig, TrainConfig, DataConfig)}
     if any(k.startswith("old_stem.") and v is not None for k, v in vars(args).items()):
         fields["ModelConfig"].add("stem")
+    if getattr(args, "preset", None) is not None:
+        fields["run"] = {"preset"}
     return fields
 
 
@@ -302,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg,
         train_cfg,
         data_cfg,
-        preset=args.preset,
+        preset=args.preset or DEFAULT_PRESET,
         resume=resume,
         resume_data_dir=data_cfg.data_dir if moved else None,
         resume_given=_given_fields(args),

@@ -69,11 +69,15 @@ def resumed_with(
     saved: tuple[ModelConfig, TrainConfig, DataConfig],
     asked: tuple[ModelConfig, TrainConfig, DataConfig],
     given: dict[str, set[str]],
+    presets: tuple[str, str] = ("", ""),
 ) -> TrainConfig:
     """A resumed run's saved TrainConfig with this machine's settings among those `given` on
-    the command line (`asked` holds their values); any other given setting must equal the
-    run's own, or the resume is refused rather than silently ignoring it."""
+    the command line (`asked` holds their values; `presets`, the run's and the asked-for one,
+    compared when `given["run"]` holds "preset"); any other given setting must equal the run's
+    own, or the resume is refused rather than silently ignoring it."""
     differing = []
+    if "preset" in given.get("run", set()) and presets[0] != presets[1]:
+        differing.append(f"--preset (the run has {presets[0]!r})")
     for own, wanted in zip(saved, asked, strict=True):
         name = type(own).__name__
         for f in dataclasses.fields(cast(Any, own)):

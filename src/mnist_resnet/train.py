@@ -827,7 +827,7 @@ def _train(
     resume_given: dict[str, set[str]],
 ) -> TrainResult:
     _one_network(model_cfg)  # before a run folder is made
-    asked = (model_cfg, train_cfg, data_cfg)
+    asked, asked_preset = (model_cfg, train_cfg, data_cfg), preset
     resume_state = None
     fresh_dir = None
     if resume is not None and never_checkpointed(resume):
@@ -850,7 +850,9 @@ def _train(
         # Rank 0 names the run (the default name holds the time) and checks it is new.
         run_dir = distributed.main_only(lambda: new_run_dir(preset, train_cfg, data_cfg))
     if fresh_dir is not None or resume is not None:
-        train_cfg = resumed_with((model_cfg, train_cfg, data_cfg), asked, resume_given)
+        train_cfg = resumed_with(
+            (model_cfg, train_cfg, data_cfg), asked, resume_given, (preset, asked_preset)
+        )
     for cfg in (model_cfg, train_cfg, data_cfg):
         cfg.validate()
     _one_network(model_cfg)
