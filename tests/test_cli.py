@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +221,20 @@ def test_a_resume_reads_the_data_folder_the_run_used_unless_told_otherwise(
     (run / "result.json").unlink()
     assert main(["train", "--resume", str(run), "--data-dir", str(moved)]) == 0
     assert read_from[-1] == str(moved)
+
+
+def test_output_to_a_reader_that_has_gone_ends_quietly_as_sigpipe_would() -> None:
+    """`mnist-resnet pretrained | head -1`: no traceback when the pipe closes early."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before a byte is written: every write fails
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mnist_resnet", "pretrained"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -237,6 +237,9 @@ def test_without_a_checkpoint_the_commands_use_the_shipped_model_and_say_so(
     assert main(["predict", str(image)]) == 0
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "using the pretrained mnist model" in captured.err
+    # With the figure of its model card: the stored file's, in fp32.
+    card = json.loads(shipped.with_suffix(".json").read_text())["card"]
+    assert f", {card['test_accuracy']:.2%} test accuracy)" in captured.err
     assert re.match(rf"{re.escape(str(image))}: ({'|'.join(SHAPES)}) ", captured.out)
     assert main(["predict", "--pretrained", "mnist", str(image), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["prediction"] in SHAPES

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -498,3 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mnist-resnet: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `mnist-resnet pretrained | head -1`: the reader has gone. End as a tool killed by
+        # SIGPIPE does, quietly; stdout goes to /dev/null so that flushing it at exit cannot
+        # raise the same error again as a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

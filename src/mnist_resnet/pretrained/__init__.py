@@ -271,6 +271,7 @@ META_TYPES: dict[str, type | tuple[type, ...]] = {
     "command": str,
     "trained": str,
     "test_accuracy": float,
+    "fp32_cpu_test_accuracy": float,
     "bytes": int,
 }
 
@@ -299,9 +300,10 @@ def metadata(name: str, folder: Path | None = None) -> dict[str, Any]:
 
 
 def describe(name: str, folder: Path | None = None) -> str:
-    """One line: which shipped model, and how good it is."""
+    """One line: which shipped model, and how good it is: the figure of its model card (the
+    stored file in fp32 on the CPU, as `predict` runs it), else the one measured as trained."""
     meta = metadata(name, folder)
-    accuracy = meta.get("test_accuracy")
+    accuracy = meta.get("fp32_cpu_test_accuracy", meta.get("test_accuracy"))
     measured = f", {accuracy:.2%} test accuracy" if isinstance(accuracy, float) else ""
     return f"the pretrained {name} model ({printable(meta.get('recipe', 'shipped'))}{measured})"
 
