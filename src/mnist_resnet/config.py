@@ -170,7 +170,7 @@ class DataConfig(Settings):
 
 BLOCK_KINDS = ("plain", "bottleneck")
 # Limits on what a flag or an edited checkpoint may ask for: far beyond any useful MNIST model
-# (the paper's deepest is 1202 layers at width 1), far below what would exhaust a machine's memory.
+# (the paper's deepest is 1,202 layers at width 1), far below what would exhaust a machine's memory.
 MAX_WIDTH = 16.0
 MAX_DEPTH = 1202
 MAX_CLASSES = 1000

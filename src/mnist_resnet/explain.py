@@ -56,7 +56,7 @@ RESNET_TAPS = (
     ("stage 3", "layer3"),
 )
 BASELINE_TAPS = (("conv 1", "conv1"), ("conv 2", "conv2"))
-# Points on the deletion curve: 0, 1/16, ..., all of the image's ink removed.
+# Points on the deletion curve: none, a sixteenth, ..., all of the image's ink removed.
 DELETION_POINTS = 17
 
 

@@ -28,7 +28,7 @@ TEMP_SUFFIX = ".tmp"
 def temp_beside(path: Path) -> Iterator[Path]:
     """A unique temp path in `path`'s folder (so os.replace is atomic); removed unless moved."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}"
-    # Not mkstemp: its 0600 mode would survive os.replace; written files honour the umask.
+    # Not mkstemp: its owner-only mode would survive os.replace; written files honour the umask.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp

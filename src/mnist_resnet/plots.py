@@ -63,7 +63,7 @@ def confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], out: P
     n = len(class_names)
     fig = figure((7, 6))
     ax = fig.subplots()
-    # Log colour scale: the diagonal holds ~1000 and the interesting errors single digits.
+    # Log colour scale: the diagonal holds a thousand and the interesting errors single digits.
     shown = confusion.float().clamp(min=0.5).log10().numpy()
     image = ax.imshow(shown, cmap="Blues")
     for i in range(n):

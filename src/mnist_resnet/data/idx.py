@@ -22,8 +22,8 @@ from mnist_resnet.files import CHUNK, temp_beside
 IDX_UINT8 = 0x08
 # Far above any MNIST-style file (EMNIST byclass is 0.55 GB), far below what would hurt a laptop.
 MAX_IDX_BYTES = 1 << 30
-# DEFLATE cannot expand data by more than ~1032:1, so a header claiming more than that times the
-# .gz size is a lie we can refuse before decompressing anything.
+# DEFLATE cannot expand data by more than about 1,032 to 1, so a header claiming more than
+# that times the .gz size is a lie we can refuse before decompressing anything.
 _DEFLATE_MAX_RATIO = 1032
 _GZIP_MAGIC = b"\x1f\x8b"
 
